@@ -1,0 +1,167 @@
+"""grpc.aio wiring: the broker's service, health, reflection, server limits, and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from broker.aws import AwsClient
+from broker.cache import CredentialCache
+from broker.config import ConfigError, Settings
+from broker.connections import Connections
+from broker.connections import Settings as ConnectionSettings
+from broker.credentials import StsSource
+from broker.errors import BrokerError, ShuttingDown, StreamEnded
+from broker.service import CredentialBrokerService
+from broker.store import ConnectionStore, open_store
+from broker.streams import StreamHub
+from broker.v1 import broker_pb2, broker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["CredentialBroker"].full_name
+SWEEP_INTERVAL = 60.0
+MAX_MESSAGE_BYTES = 64 * 1024  # requests are a few hundred bytes; anything larger is not ours
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Limits set on purpose: a reconnect storm queues in core rather than being dropped."""
+    return [
+        ("grpc.server.max_pending_requests", settings.max_pending_requests),
+        ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_requests),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+@dataclass
+class Broker:
+    """A running broker: its server and everything the server's handlers hold."""
+
+    settings: Settings
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    aws: AwsClient
+    store: ConnectionStore
+    cache: CredentialCache
+    hub: StreamHub
+    _sweeper: asyncio.Task[None]
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, end streams with UNAVAILABLE, let unary calls finish, close."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.hub.end_all(ShuttingDown("the broker is shutting down; reconnect to another replica"))
+        await self.server.stop(grace)
+        self._sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sweeper
+        await self.aws.close()
+        await self.store.close()
+
+
+async def start(
+    settings: Settings, *, static_credentials: tuple[str, str] | None = None
+) -> Broker:
+    """Build every part from `settings`, start serving, and report SERVING."""
+    if not settings.template_url:
+        raise ConfigError(
+            "BROKER_TEMPLATE_URL is required: the HTTPS URL where the customer's CloudFormation "
+            "template (`broker template`) is published, e.g. in S3. `broker dev` sets one."
+        )
+    aws = AwsClient(
+        region=settings.aws_region,
+        endpoint_url=settings.aws_endpoint_url,
+        static_credentials=static_credentials,
+    )
+    await aws.start()
+    try:
+        principal = settings.trusted_principal_arn or await aws.caller_arn()
+    except BrokerError as exc:
+        await aws.close()
+        raise ConfigError(
+            f"cannot learn the broker's AWS identity ({exc}); set BROKER_TRUSTED_PRINCIPAL_ARN "
+            "or give the broker AWS credentials"
+        ) from None
+    store = open_store(settings.database_url)
+    hub = StreamHub()
+    cache = CredentialCache(
+        StsSource(aws, duration=settings.session_duration, policy_arns=settings.session_policy_arns),
+        refresh_margin=settings.refresh_margin,
+        max_entries=settings.cache_max_entries,
+    )
+
+    def role_changed(tenant_id: str) -> None:
+        cache.evict_tenant(tenant_id)
+        hub.wake_tenant(tenant_id)
+
+    def disconnected(tenant_id: str) -> None:
+        cache.evict_tenant(tenant_id)
+        hub.end_tenant(tenant_id, StreamEnded(f"tenant {tenant_id!r} was disconnected", tenant_id))
+
+    connections = Connections(
+        store,
+        aws,
+        ConnectionSettings(
+            template_url=settings.template_url,
+            trusted_principal_arn=principal,
+            default_region=settings.aws_region,
+            session_duration=settings.session_duration,
+            policy_arns=settings.session_policy_arns,
+            verify_wait=settings.verify_wait,
+        ),
+        on_role_changed=role_changed,
+        on_disconnected=disconnected,
+    )
+    server = grpc.aio.server(options=server_options(settings))
+    broker_pb2_grpc.add_CredentialBrokerServicer_to_server(
+        CredentialBrokerService(connections, cache, hub, refresh_margin=settings.refresh_margin),
+        server,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise ConfigError(f"BROKER_LISTEN={settings.listen}: cannot listen there")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    sweeper = asyncio.create_task(_sweep_forever(cache), name="cache-sweeper")
+    log.info(
+        "serving",
+        extra={"listen": settings.listen, "port": port, "trusted_principal": principal},
+    )
+    return Broker(settings, server, port, health_servicer, aws, store, cache, hub, sweeper)
+
+
+async def _sweep_forever(cache: CredentialCache) -> None:
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL)
+        cache.sweep()
+
+
+async def serve(settings: Settings, *, static_credentials: tuple[str, str] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain."""
+    broker = await start(settings, static_credentials=static_credentials)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("draining", extra={"grace_s": settings.shutdown_grace})
+    await broker.stop()
+    log.info("stopped")

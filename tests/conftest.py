@@ -1,0 +1,121 @@
+"""Shared fixtures: a local AWS emulator (moto + enforced trust policies) on 127.0.0.1, and a real
+broker (grpc.aio server on 127.0.0.1:<free port>) in the test's event loop."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from broker import server
+from broker.config import load_settings
+from broker.emulator import Identity, LocalAws
+from broker.v1 import broker_pb2 as pb
+from broker.v1 import broker_pb2_grpc
+
+_tenants = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def local_aws() -> Iterator[LocalAws]:
+    aws = LocalAws().start()
+    yield aws
+    aws.stop()
+
+
+@pytest.fixture(scope="session")
+def broker_identity(local_aws: LocalAws) -> Identity:
+    return local_aws.create_user("credential-broker")
+
+
+@pytest.fixture(scope="session")
+def template_url(local_aws: LocalAws) -> str:
+    return local_aws.publish_template()
+
+
+@pytest.fixture
+def sts_calls(local_aws: LocalAws) -> Iterator[list[Any]]:
+    """The AssumeRole calls the emulator sees during one test; session lifetime reset after."""
+    start = len(local_aws.sts.calls)
+    view = _CallsSince(local_aws, start)
+    yield view  # type: ignore[misc]
+    local_aws.sts.session_lifetime = None
+
+
+class _CallsSince(list[Any]):
+    def __init__(self, aws: LocalAws, start: int) -> None:
+        super().__init__()
+        self._aws, self._start = aws, start
+
+    def now(self) -> list[Any]:
+        return self._aws.sts.calls[self._start :]
+
+
+@pytest.fixture
+def tenant() -> str:
+    return f"tenant-{next(_tenants)}"
+
+
+@dataclass
+class Running:
+    broker: server.Broker
+    stub: broker_pb2_grpc.CredentialBrokerStub
+    channel: grpc.aio.Channel
+    db_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.broker.port}"
+
+
+@pytest.fixture
+def broker_settings(
+    local_aws: LocalAws, broker_identity: Identity, template_url: str, tmp_path: Path
+) -> dict[str, Any]:
+    """Overrides for the broker under test; a test may change them before `running` starts."""
+    return {
+        "listen": "127.0.0.1:0",
+        "database_url": f"sqlite:///{tmp_path / 'broker.db'}",
+        "aws_endpoint_url": local_aws.endpoint_url,
+        "template_url": template_url,
+        "verify_wait": 1.0,
+        "shutdown_grace": 1.0,
+    }
+
+
+@pytest.fixture
+async def running(
+    broker_settings: dict[str, Any], broker_identity: Identity
+) -> AsyncIterator[Running]:
+    settings = load_settings(**broker_settings)
+    broker = await server.start(
+        settings,
+        static_credentials=(broker_identity.access_key_id, broker_identity.secret_access_key),
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}")
+    try:
+        yield Running(
+            broker,
+            broker_pb2_grpc.CredentialBrokerStub(channel),
+            channel,
+            Path(settings.database_url.removeprefix("sqlite:///")),
+        )
+    finally:
+        await channel.close()
+        await broker.stop(grace=0.5)
+
+
+async def connect(running: Running, local_aws: LocalAws, tenant_id: str) -> pb.Connection:
+    """Create → the customer's stack from the real template and the link → verify: ACTIVE."""
+    created = await running.stub.CreateConnection(pb.CreateConnectionRequest(tenant_id=tenant_id))
+    role_arn = local_aws.create_customer_stack(created.connection.quick_create_url)
+    verified = await running.stub.VerifyRole(
+        pb.VerifyRoleRequest(tenant_id=tenant_id, role_arn=role_arn)
+    )
+    assert verified.connection.status == pb.CONNECTION_STATUS_ACTIVE
+    return verified.connection
