@@ -29,8 +29,7 @@ async def test_create_connect_issue_watch_release_disconnect(
     assert len(created.external_id) >= 32
     params = link_params(created.quick_create_url)
     assert created.quick_create_url.startswith(
-        "https://console.aws.amazon.com/cloudformation/home?region=us-east-1"
-        "#/stacks/quickcreate?"
+        "https://console.aws.amazon.com/cloudformation/home?region=us-east-1#/stacks/quickcreate?"
     )
     assert params["param_ExternalId"] == created.external_id
     assert params["templateURL"] == created.template_url
@@ -55,9 +54,15 @@ async def test_create_connect_issue_watch_release_disconnect(
         await stub.CreateConnection(pb.CreateConnectionRequest(tenant_id=tenant))
     assert exists.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
-    first = (await stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="run-a"))).credentials
-    same = (await stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="run-a"))).credentials
-    other = (await stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="run-b"))).credentials
+    first = (
+        await stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="run-a"))
+    ).credentials
+    same = (
+        await stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="run-a"))
+    ).credentials
+    other = (
+        await stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="run-b"))
+    ).credentials
     assert same.access_key_id == first.access_key_id
     assert other.access_key_id != first.access_key_id
     assert first.assumed_role_arn.endswith("/run-a")
@@ -144,9 +149,7 @@ async def test_role_change_stops_serving_the_old_roles_credentials(
     request = pb.IssueCredentialsRequest(tenant_id=tenant, run_id="r1")
     old = (await running.stub.IssueCredentials(request)).credentials
     # The customer makes a second stack (another role) and points the connection at it.
-    url = connection.quick_create_url.replace(
-        "stackName=credential-broker-", "stackName=second-"
-    )
+    url = connection.quick_create_url.replace("stackName=credential-broker-", "stackName=second-")
     new_role = local_aws.create_customer_stack(url)
     await running.stub.VerifyRole(pb.VerifyRoleRequest(tenant_id=tenant, role_arn=new_role))
     new = (await running.stub.IssueCredentials(request)).credentials

@@ -173,7 +173,9 @@ def translate_errors(action: str, resource: str = "") -> Any:
             raise Unavailable(f"{action}: the broker's AWS identity was refused ({code})") from exc
         raise RoleNotAssumable(f"{code}: {message}", subject=resource, code=code) from exc
     except BotoCoreError as exc:
-        raise TransientAwsError(f"{action}: AWS could not be reached ({type(exc).__name__})") from exc
+        raise TransientAwsError(
+            f"{action}: AWS could not be reached ({type(exc).__name__})"
+        ) from exc
 
 
 def principal_arn(caller_arn: str) -> str:

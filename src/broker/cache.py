@@ -24,7 +24,7 @@ Key = tuple[str, str]
 
 def refresh_point(credentials: Credentials, margin: float) -> float:
     """When credentials are due for renewal (epoch seconds): `margin` before expiry, or half-way
-    through a lifetime too short for the margin (so short sessions are not renewed on every call)."""
+    through a lifetime too short for the margin (so short sessions are not renewed every call)."""
     lifetime = credentials.lifetime
     lead = min(margin, lifetime / 2)
     return credentials.expiration.timestamp() - lead
@@ -128,7 +128,9 @@ class CredentialCache:
             self._put(grant, credentials)
 
     def _put(self, grant: Grant, credentials: Credentials) -> None:
-        self._entries[grant.key] = _Entry(grant, credentials, refresh_point(credentials, self._margin))
+        self._entries[grant.key] = _Entry(
+            grant, credentials, refresh_point(credentials, self._margin)
+        )
         self._entries.move_to_end(grant.key)
         self._by_tenant.setdefault(grant.tenant_id, set()).add(grant.run_id)
         while len(self._entries) > self._max_entries:
@@ -158,7 +160,9 @@ class CredentialCache:
     def sweep(self) -> int:
         """Drop expired entries; returns how many went."""
         now = self._clock()
-        expired = [k for k, e in self._entries.items() if e.credentials.expiration.timestamp() <= now]
+        expired = [
+            k for k, e in self._entries.items() if e.credentials.expiration.timestamp() <= now
+        ]
         for key in expired:
             self._remove(key)
         return len(expired)

@@ -23,7 +23,8 @@ DEV_BANNER = """\
  broker's identity (emulated):       {principal}
 
  Walk the flow with grpcurl (see README):
-   grpcurl -plaintext -d '{{"tenant_id":"acme"}}' {listen} broker.v1.CredentialBroker/CreateConnection
+   grpcurl -plaintext -d '{{"tenant_id":"acme"}}' {listen} \\
+       broker.v1.CredentialBroker/CreateConnection
    broker dev-stack '<quick_create_url>'     # creates the customer's stack in the emulator
 ================================================================================"""
 
@@ -81,7 +82,9 @@ def _dev(aws_port: int) -> None:
     try:
         aws = LocalAws(port=aws_port).start()
     except OSError as exc:
-        raise ConfigError(f"cannot start the local AWS emulator on port {aws_port}: {exc}") from None
+        raise ConfigError(
+            f"cannot start the local AWS emulator on port {aws_port}: {exc}"
+        ) from None
     identity = aws.create_user("credential-broker")
     overrides: dict[str, object] = {
         "aws_endpoint_url": aws.endpoint_url,

@@ -176,7 +176,7 @@ class ConfigError(Exception):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Build Settings from the environment (and overrides), turning errors into one clear message."""
+    """Settings from the environment (and overrides); errors become one clear message."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

@@ -82,7 +82,9 @@ class Connections:
                 + guidance(connection, self.settings.session_duration),
                 subject=tenant_id,
             )
-        return Grant(tenant_id, run_id, connection.role_arn, connection.external_id, connection.region)
+        return Grant(
+            tenant_id, run_id, connection.role_arn, connection.external_id, connection.region
+        )
 
     async def create(self, tenant_id: str, region: str) -> Connection:
         """A PENDING connection: the existing one (same external ID), or a new one."""
@@ -191,7 +193,9 @@ class Connections:
                 )
             )
         except RoleNotAssumable as refused:
-            checks.append(Check("assume_with_external_id", False, self._explain(refused, connection)))
+            checks.append(
+                Check("assume_with_external_id", False, self._explain(refused, connection))
+            )
         checks.append(await self._check_denied_without_external_id(role_arn, connection))
         checks.append(await self._check_trust_policy(credentials, role_arn, connection))
         return checks

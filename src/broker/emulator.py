@@ -105,7 +105,9 @@ class TrustEnforcingSts:
             source_identity=params.get("SourceIdentity"),
             duration=int(params.get("DurationSeconds", "3600")),
             tags=tags,
-            policy_arns=[v for k, v in params.items() if re.fullmatch(r"PolicyArns\.member\.\d+\.arn", k)],
+            policy_arns=[
+                v for k, v in params.items() if re.fullmatch(r"PolicyArns\.member\.\d+\.arn", k)
+            ],
             allowed=False,
         )
         role = _find_role(role_arn)
@@ -128,7 +130,9 @@ class TrustEnforcingSts:
                     "400 Bad Request",
                     "ValidationError",
                     "The requested DurationSeconds exceeds the MaxSessionDuration set for this "
-                    "role." if not chained else "The requested DurationSeconds exceeds the 1 hour "
+                    "role."
+                    if not chained
+                    else "The requested DurationSeconds exceeds the 1 hour "
                     "session limit for roles assumed by role chaining.",
                 )
         call.allowed = not refused
@@ -155,7 +159,9 @@ class TrustEnforcingSts:
         if self.session_lifetime is not None:
             expires = datetime.now(UTC) + timedelta(seconds=self.session_lifetime)
             stamp = expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
-            body = re.sub(rb"<Expiration>[^<]*</Expiration>", b"<Expiration>" + stamp + b"</Expiration>", body)
+            body = re.sub(
+                rb"<Expiration>[^<]*</Expiration>", b"<Expiration>" + stamp + b"</Expiration>", body
+            )
         if params.get("SourceIdentity"):
             element = f"<SourceIdentity>{params['SourceIdentity']}</SourceIdentity>".encode()
             body = body.replace(b"</AssumedRoleUser>", b"</AssumedRoleUser>" + element, 1)
@@ -164,7 +170,7 @@ class TrustEnforcingSts:
         return [body]
 
 
-class _QuietHandler(MotoRequestHandler):  # type: ignore[misc]
+class _QuietHandler(MotoRequestHandler):
     def log_request(self, *_: Any) -> None:
         """One line per request on stderr is noise in tests and in `broker dev`."""
 

@@ -71,9 +71,7 @@ class Broker:
         await self.store.close()
 
 
-async def start(
-    settings: Settings, *, static_credentials: tuple[str, str] | None = None
-) -> Broker:
+async def start(settings: Settings, *, static_credentials: tuple[str, str] | None = None) -> Broker:
     """Build every part from `settings`, start serving, and report SERVING."""
     if not settings.template_url:
         raise ConfigError(
@@ -97,7 +95,9 @@ async def start(
     store = open_store(settings.database_url)
     hub = StreamHub()
     cache = CredentialCache(
-        StsSource(aws, duration=settings.session_duration, policy_arns=settings.session_policy_arns),
+        StsSource(
+            aws, duration=settings.session_duration, policy_arns=settings.session_policy_arns
+        ),
         refresh_margin=settings.refresh_margin,
         max_entries=settings.cache_max_entries,
     )

@@ -198,7 +198,9 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
             created_at=_timestamp(connection.created_at),
             verified_at=_timestamp(connection.verified_at),
             disconnected_at=_timestamp(connection.disconnected_at),
-            checks=[pb.Check(name=c.name, passed=c.passed, detail=c.detail) for c in connection.checks],
+            checks=[
+                pb.Check(name=c.name, passed=c.passed, detail=c.detail) for c in connection.checks
+            ],
             region=connection.region,
             guidance=guidance(connection, settings.session_duration),
         )

@@ -60,8 +60,8 @@ class Subscription:
 
 
 class StreamHub:
-    """Open streams by run. `_streams` is changed by `subscribe`/`unsubscribe` (each stream's own
-    task) and read by `end_run`, `end_tenant`, `wake_tenant` and `end_all` (other RPCs, shutdown)."""
+    """Open streams by run. `_streams` is changed by `subscribe`/`unsubscribe` (each stream's
+    own task) and read by `end_run`, `end_tenant`, `wake_tenant`, `end_all` (RPCs, shutdown)."""
 
     def __init__(self) -> None:
         self._streams: dict[Key, set[Subscription]] = {}

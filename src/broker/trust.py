@@ -48,9 +48,9 @@ def principal_matches(principal: Any, caller_arn: str) -> bool:
             continue
         if value in ("*", caller_arn):
             return True
-        if value.isdigit() or value.endswith(":root"):
-            if _account_of(value) == _account_of(caller_arn) or value == _account_of(caller_arn):
-                return True
+        whole_account = value.isdigit() or value.endswith(":root")
+        if whole_account and _account_of(caller_arn) in (value, _account_of(value)):
+            return True
         role = _role_of(value)
         if role is not None and role == _role_of(caller_arn):
             return True
@@ -109,7 +109,9 @@ def allows(document: Mapping[str, Any], caller_arn: str, action: str, context: C
     return allowed
 
 
-def requires_external_id(document: Mapping[str, Any], principal: str, external_id: str) -> str | None:
+def requires_external_id(
+    document: Mapping[str, Any], principal: str, external_id: str
+) -> str | None:
     """None when the trust policy lets `principal` assume the role with `external_id` and not
     without it; otherwise what is wrong, in words for the customer."""
     if allows(document, principal, "sts:AssumeRole", {"sts:ExternalId": None}):

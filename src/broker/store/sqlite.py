@@ -109,7 +109,8 @@ class _transaction:
 
 def _select(db: sqlite3.Connection, tenant_id: str) -> tuple[Any, ...] | None:
     row: tuple[Any, ...] | None = db.execute(
-        f"SELECT {COLUMNS} FROM connections WHERE tenant_id = ?", (tenant_id,)
+        f"SELECT {COLUMNS} FROM connections WHERE tenant_id = ?",  # noqa: S608 - constant columns
+        (tenant_id,),
     ).fetchone()
     return row
 
@@ -131,7 +132,8 @@ def _save(db: sqlite3.Connection, connection: Connection, new_external_id: bool)
             except sqlite3.IntegrityError:
                 raise StoreConflict(connection.tenant_id) from None
         db.execute(
-            f"INSERT OR REPLACE INTO connections ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT OR REPLACE INTO connections ({COLUMNS}) "  # noqa: S608 - constant columns
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             _to_row(saved),
         )
     return saved
@@ -175,6 +177,8 @@ def _from_row(row: tuple[Any, ...]) -> Connection:
         created_at=created_at,
         verified_at=_time(row[7]),
         disconnected_at=_time(row[8]),
-        checks=tuple(Check(name, bool(passed), detail) for name, passed, detail in json.loads(row[9])),
+        checks=tuple(
+            Check(name, bool(passed), detail) for name, passed, detail in json.loads(row[9])
+        ),
         version=row[10],
     )
