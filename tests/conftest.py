@@ -3,6 +3,7 @@ broker (grpc.aio server on 127.0.0.1:<free port>) in the test's event loop."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -88,14 +89,12 @@ def broker_settings(
     }
 
 
-@pytest.fixture
-async def running(
-    broker_settings: dict[str, Any], broker_identity: Identity
-) -> AsyncIterator[Running]:
-    settings = load_settings(**broker_settings)
+@contextlib.asynccontextmanager
+async def start_broker(overrides: dict[str, Any], identity: Identity) -> AsyncIterator[Running]:
+    """A broker with `overrides` on top of the environment, and a channel to it."""
+    settings = load_settings(**overrides)
     broker = await server.start(
-        settings,
-        static_credentials=(broker_identity.access_key_id, broker_identity.secret_access_key),
+        settings, static_credentials=(identity.access_key_id, identity.secret_access_key)
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}")
     try:
@@ -108,6 +107,14 @@ async def running(
     finally:
         await channel.close()
         await broker.stop(grace=0.5)
+
+
+@pytest.fixture
+async def running(
+    broker_settings: dict[str, Any], broker_identity: Identity
+) -> AsyncIterator[Running]:
+    async with start_broker(broker_settings, broker_identity) as started:
+        yield started
 
 
 async def connect(running: Running, local_aws: LocalAws, tenant_id: str) -> pb.Connection:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from broker.aws import AssumeRoleRequest, AwsClient
-from broker.credentials import session_policy_arns
+from broker.credentials import run_request, session_policy_arns
 from broker.errors import AlreadyExists, NotActive, NotFound, RoleNotAssumable, VerificationFailed
 from broker.models import Check, Connection, Credentials, Grant, Status
 from broker.store import ConnectionStore, StoreConflict
@@ -200,13 +200,12 @@ class Connections:
         checks.append(await self._check_trust_policy(credentials, role_arn, connection))
         return checks
 
-    def _probe(self, role_arn: str, external_id: str | None, duration: int) -> AssumeRoleRequest:
+    def _probe_without_external_id(self, role_arn: str) -> AssumeRoleRequest:
         return AssumeRoleRequest(
             role_arn=role_arn,
             session_name=VERIFY_SESSION_NAME,
-            duration=duration,
+            duration=VERIFY_PROBE_DURATION,
             policy_arns=session_policy_arns(self.settings.policy_arns, role_arn),
-            external_id=external_id,
         )
 
     async def _assume_until_ready(
@@ -219,7 +218,12 @@ class Connections:
             budget = min(budget, max(time_left - 2.0, 0.0))
         give_up_at = self._clock() + budget
         delay = 1.0
-        request = self._probe(role_arn, connection.external_id, self.settings.session_duration)
+        # Exactly what issuing a run's credentials sends (tags, SourceIdentity, duration), so a
+        # role that passes verification also works for runs.
+        grant = Grant(
+            connection.tenant_id, VERIFY_SESSION_NAME, role_arn, connection.external_id, ""
+        )
+        request = run_request(grant, self.settings.session_duration, self.settings.policy_arns)
         while True:
             try:
                 return await self._aws.assume_role(request)
@@ -234,7 +238,7 @@ class Connections:
         self, role_arn: str, connection: Connection
     ) -> Check:
         try:
-            await self._aws.assume_role(self._probe(role_arn, None, VERIFY_PROBE_DURATION))
+            await self._aws.assume_role(self._probe_without_external_id(role_arn))
         except RoleNotAssumable:
             return Check("assume_without_external_id_denied", True, "denied, as it must be")
         return Check(
@@ -270,8 +274,9 @@ class Connections:
                 f"AWS denied sts:AssumeRole to {principal} with external ID "
                 f"{connection.external_id}. Check that the stack "
                 f"{stack_name(connection.tenant_id)} finished (CREATE_COMPLETE), that this is its "
-                f"RoleArn output, and that the role's trust policy names {principal} with the "
-                "condition sts:ExternalId equal to that external ID."
+                f"RoleArn output, and that the role's trust policy lets {principal} do "
+                "sts:AssumeRole, sts:TagSession and sts:SetSourceIdentity on the condition "
+                "sts:ExternalId equal to that external ID."
             )
         if "DurationSeconds" in str(refused):
             return (

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from broker.aws import AssumeRoleRequest, AwsClient
+from broker.errors import RoleNotAssumable
 from broker.models import Credentials, Grant
 
 SESSION_NAME_MAX = 64
@@ -55,15 +56,30 @@ class StsSource:
         self._policy_arns = tuple(policy_arns)
 
     async def get(self, grant: Grant) -> Credentials:
-        name = session_name(grant.run_id)
-        return await self._aws.assume_role(
-            AssumeRoleRequest(
-                role_arn=grant.role_arn,
-                session_name=name,
-                duration=self._duration,
-                policy_arns=session_policy_arns(self._policy_arns, grant.role_arn),
-                external_id=grant.external_id,
-                source_identity=name,
-                tags={"tenant": grant.tenant_id, "run": grant.run_id},
+        try:
+            return await self._aws.assume_role(
+                run_request(grant, self._duration, self._policy_arns)
             )
-        )
+        except RoleNotAssumable as refused:
+            raise RoleNotAssumable(
+                f"the role {grant.role_arn} of tenant {grant.tenant_id!r} can no longer be "
+                f"assumed ({refused}); the customer must restore the role's trust policy (or "
+                "connect again), then call VerifyRole",
+                subject=grant.role_arn,
+                code=refused.code,
+            ) from refused
+
+
+def run_request(grant: Grant, duration: int, policy_arns: Sequence[str]) -> AssumeRoleRequest:
+    """The AssumeRole a run's credentials come from: named after the run (RoleSessionName,
+    SourceIdentity, session tags), bounded by the session policy, with the external ID."""
+    name = session_name(grant.run_id)
+    return AssumeRoleRequest(
+        role_arn=grant.role_arn,
+        session_name=name,
+        duration=duration,
+        policy_arns=session_policy_arns(policy_arns, grant.role_arn),
+        external_id=grant.external_id,
+        source_identity=name,
+        tags={"tenant": grant.tenant_id, "run": grant.run_id},
+    )
