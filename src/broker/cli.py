@@ -77,7 +77,7 @@ def _serve() -> None:
 
 def _dev(aws_port: int) -> None:
     from broker.emulator import LocalAws
-    from broker.server import serve
+    from broker.server import Broker, serve
 
     try:
         aws = LocalAws(port=aws_port).start()
@@ -97,19 +97,27 @@ def _dev(aws_port: int) -> None:
         overrides["database_url"] = f"sqlite:///{folder}/broker.db"
     settings = load_settings(**overrides)
     logs.configure(settings.log_level)
-    print(
-        DEV_BANNER.format(
-            aws=aws.endpoint_url,
-            listen=settings.listen,
-            database=settings.database_url,
-            principal=identity.arn,
-        ),
-        file=sys.stderr,
-        flush=True,
-    )
+
+    def banner(broker: Broker) -> None:
+        host = settings.listen.rpartition(":")[0]
+        print(
+            DEV_BANNER.format(
+                aws=aws.endpoint_url,
+                listen=f"{host}:{broker.port}",
+                database=settings.database_url,
+                principal=identity.arn,
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
+
     try:
         asyncio.run(
-            serve(settings, static_credentials=(identity.access_key_id, identity.secret_access_key))
+            serve(
+                settings,
+                static_credentials=(identity.access_key_id, identity.secret_access_key),
+                on_ready=banner,
+            )
         )
     finally:
         aws.stop()

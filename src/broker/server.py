@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -154,9 +155,15 @@ async def _sweep_forever(cache: CredentialCache) -> None:
         cache.sweep()
 
 
-async def serve(settings: Settings, *, static_credentials: tuple[str, str] | None = None) -> None:
+async def serve(
+    settings: Settings,
+    *,
+    static_credentials: tuple[str, str] | None = None,
+    on_ready: Callable[[Broker], None] = lambda _: None,
+) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
     broker = await start(settings, static_credentials=static_credentials)
+    on_ready(broker)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
