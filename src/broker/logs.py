@@ -22,12 +22,22 @@ class FieldsFormatter(logging.Formatter):
         return f"{head} {fields}{sep}{rest}" if fields else line
 
 
+# At DEBUG these log STS response bodies (secret keys) and signed requests (session tokens).
+CREDENTIAL_LEAKING_LOGGERS = ("botocore", "aiobotocore", "boto3", "urllib3", "werkzeug")
+
+
 def configure(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(FieldsFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # botocore logs request bodies and headers at DEBUG; they can hold credentials.
-    for noisy in ("botocore", "aiobotocore", "urllib3", "werkzeug"):
-        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLevelName(level)))
+    protect_secrets()
+
+
+def protect_secrets() -> None:
+    """Keep the AWS libraries' loggers at INFO or above, whatever the root level: their DEBUG
+    output carries credentials. The broker calls this at start-up."""
+    for name in CREDENTIAL_LEAKING_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logging.INFO, logger.getEffectiveLevel()))

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from broker import logs
 from broker.aws import AwsClient
 from broker.cache import CredentialCache
 from broker.config import ConfigError, Settings
@@ -58,10 +59,17 @@ class Broker:
     cache: CredentialCache
     hub: StreamHub
     _sweeper: asyncio.Task[None]
+    _stopping: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, end streams with UNAVAILABLE, let unary calls finish, close."""
-        grace = self.settings.shutdown_grace if grace is None else grace
+        """Drain: NOT_SERVING, end streams with UNAVAILABLE, let unary calls finish, close.
+        Calling it again waits for the first call's drain."""
+        if self._stopping is None:
+            grace = self.settings.shutdown_grace if grace is None else grace
+            self._stopping = asyncio.create_task(self._drain(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _drain(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
         self.hub.end_all(ShuttingDown("the broker is shutting down; reconnect to another replica"))
         await self.server.stop(grace)
@@ -74,6 +82,7 @@ class Broker:
 
 async def start(settings: Settings, *, static_credentials: tuple[str, str] | None = None) -> Broker:
     """Build every part from `settings`, start serving, and report SERVING."""
+    logs.protect_secrets()
     if not settings.template_url:
         raise ConfigError(
             "BROKER_TEMPLATE_URL is required: the HTTPS URL where the customer's CloudFormation "

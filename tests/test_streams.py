@@ -1,0 +1,103 @@
+"""WatchCredentials over real gRPC, with the emulator handing out short-lived credentials so
+renewals happen within the test."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from broker.emulator import Identity, LocalAws
+from broker.v1 import broker_pb2 as pb
+from tests.conftest import Running, connect, start_broker
+
+LIFETIME = 3.0  # seconds the emulator's credentials live in these tests
+
+
+async def test_stream_renews_before_each_expiry(
+    local_aws: LocalAws,
+    tenant: str,
+    broker_settings: dict[str, Any],
+    broker_identity: Identity,
+    sts_calls: object,
+) -> None:
+    async with start_broker(broker_settings | {"refresh_margin": 60}, broker_identity) as running:
+        await connect(running, local_aws, tenant)
+        local_aws.sts.session_lifetime = LIFETIME
+        stream = running.stub.WatchCredentials(
+            pb.WatchCredentialsRequest(tenant_id=tenant, run_id="long-run")
+        )
+        seen = []
+        started = time.monotonic()
+        for _ in range(4):
+            message = await asyncio.wait_for(stream.read(), timeout=LIFETIME * 2)
+            credentials = message.credentials
+            left = credentials.expiration.ToDatetime().timestamp() - time.time()
+            assert left > 0.5, "every credential arrives with time left to use it"
+            seen.append(credentials.access_key_id)
+        elapsed = time.monotonic() - started
+        stream.cancel()
+    assert len(set(seen)) == 4
+    # Three renewals, each around half-way through a 3 s life, not in a tight loop.
+    assert elapsed > 3 * LIFETIME * 0.4, elapsed
+
+
+async def test_role_change_reaches_open_streams_at_once(
+    running: Running, local_aws: LocalAws, tenant: str
+) -> None:
+    connection = await connect(running, local_aws, tenant)
+    stream = running.stub.WatchCredentials(pb.WatchCredentialsRequest(tenant_id=tenant, run_id="r"))
+    old = (await stream.read()).credentials
+    url = connection.quick_create_url.replace("stackName=credential-broker-", "stackName=moved-")
+    new_role = local_aws.create_customer_stack(url)
+    await running.stub.VerifyRole(pb.VerifyRoleRequest(tenant_id=tenant, role_arn=new_role))
+    new = (await asyncio.wait_for(stream.read(), timeout=5)).credentials
+    assert new.access_key_id != old.access_key_id
+    assert new_role.rsplit("/", 1)[1] in new.assumed_role_arn
+    stream.cancel()
+
+
+async def test_shutdown_goes_not_serving_and_ends_streams_unavailable(
+    local_aws: LocalAws, tenant: str, broker_settings: dict[str, Any], broker_identity: Identity
+) -> None:
+    async with start_broker(broker_settings, broker_identity) as running:
+        await connect(running, local_aws, tenant)
+        health = health_pb2_grpc.HealthStub(running.channel).Watch(
+            health_pb2.HealthCheckRequest(service="broker.v1.CredentialBroker")
+        )
+        assert (await health.read()).status == health_pb2.HealthCheckResponse.SERVING
+        stream = running.stub.WatchCredentials(
+            pb.WatchCredentialsRequest(tenant_id=tenant, run_id="r")
+        )
+        await stream.read()
+        stopping = asyncio.create_task(running.broker.stop(grace=2))
+        assert (await health.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await stream.read()
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (ended.value.details() or "")
+        await stopping
+        assert len(running.broker.hub) == 0
+
+
+async def test_cancelled_stream_leaves_nothing_behind(
+    running: Running, local_aws: LocalAws, tenant: str
+) -> None:
+    await connect(running, local_aws, tenant)
+    streams = [
+        running.stub.WatchCredentials(pb.WatchCredentialsRequest(tenant_id=tenant, run_id=f"r{i}"))
+        for i in range(20)
+    ]
+    await asyncio.gather(*(s.read() for s in streams))
+    assert len(running.broker.hub) == 20
+    for stream in streams:
+        stream.cancel()
+    for _ in range(50):
+        if len(running.broker.hub) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert len(running.broker.hub) == 0
