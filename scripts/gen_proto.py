@@ -17,8 +17,11 @@ PROTOS = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rgl
 def generate(out_dir: Path) -> None:
     """Compile every .proto under proto/ into out_dir (messages, stubs, and .pyi for both)."""
     well_known = resources.files("grpc_tools") / "_proto"
+    plugins = Path(sys.executable).parent  # mypy-protobuf's plugins, beside this interpreter
     args = [
         "protoc",
+        f"--plugin=protoc-gen-mypy={plugins / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={plugins / 'protoc-gen-mypy_grpc'}",
         f"-I{ROOT / 'proto'}",
         f"-I{well_known}",
         f"--python_out={out_dir}",
