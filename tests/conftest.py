@@ -15,7 +15,7 @@ import pytest
 
 from broker import server
 from broker.config import load_settings
-from broker.emulator import Identity, LocalAws
+from broker.emulator import AssumeRoleCall, Identity, LocalAws
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc
 
@@ -39,22 +39,30 @@ def template_url(local_aws: LocalAws) -> str:
     return local_aws.publish_template()
 
 
-@pytest.fixture
-def sts_calls(local_aws: LocalAws) -> Iterator[list[Any]]:
-    """The AssumeRole calls the emulator sees during one test; session lifetime reset after."""
-    start = len(local_aws.sts.calls)
-    view = _CallsSince(local_aws, start)
-    yield view  # type: ignore[misc]
-    local_aws.sts.session_lifetime = None
+@pytest.fixture(autouse=True)
+def _reset_emulator(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests may shorten credential lifetimes or delay role propagation; undo it after each."""
+    yield
+    if "local_aws" in request.fixturenames:
+        aws: LocalAws = request.getfixturevalue("local_aws")
+        aws.sts.session_lifetime = None
+        aws.sts.propagation_delay = 0.0
 
 
-class _CallsSince(list[Any]):
-    def __init__(self, aws: LocalAws, start: int) -> None:
-        super().__init__()
-        self._aws, self._start = aws, start
+class StsLog:
+    """The AssumeRole calls the emulator answered (or refused) since the test began."""
 
-    def now(self) -> list[Any]:
+    def __init__(self, aws: LocalAws) -> None:
+        self._aws = aws
+        self._start = len(aws.sts.calls)
+
+    def now(self) -> list[AssumeRoleCall]:
         return self._aws.sts.calls[self._start :]
+
+
+@pytest.fixture
+def sts_log(local_aws: LocalAws) -> StsLog:
+    return StsLog(local_aws)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 from broker.emulator import LocalAws
 from broker.v1 import broker_pb2 as pb
-from tests.conftest import Running, connect
+from tests.conftest import Running, StsLog, connect
 
 
 def link_params(url: str) -> dict[str, str]:
@@ -21,7 +21,7 @@ def link_params(url: str) -> dict[str, str]:
 
 
 async def test_create_connect_issue_watch_release_disconnect(
-    running: Running, local_aws: LocalAws, tenant: str, sts_calls: object
+    running: Running, local_aws: LocalAws, tenant: str
 ) -> None:
     stub = running.stub
     created = (await stub.CreateConnection(pb.CreateConnectionRequest(tenant_id=tenant))).connection
@@ -112,14 +112,14 @@ async def test_create_connect_issue_watch_release_disconnect(
 
 
 async def test_every_assume_role_names_the_run(
-    running: Running, local_aws: LocalAws, tenant: str, sts_calls: object
+    running: Running, local_aws: LocalAws, tenant: str, sts_log: StsLog
 ) -> None:
     await connect(running, local_aws, tenant)
     run_id = "batch/2026-11-27:job=7"
     issued = await running.stub.IssueCredentials(
         pb.IssueCredentialsRequest(tenant_id=tenant, run_id=run_id)
     )
-    call = sts_calls.now()[-1]  # type: ignore[attr-defined]
+    call = sts_log.now()[-1]
     assert call.allowed
     assert call.tags == {"tenant": tenant, "run": run_id}
     assert call.session_name == call.source_identity
@@ -131,14 +131,14 @@ async def test_every_assume_role_names_the_run(
 
 
 async def test_concurrent_misses_for_one_run_make_one_sts_call(
-    running: Running, local_aws: LocalAws, tenant: str, sts_calls: object
+    running: Running, local_aws: LocalAws, tenant: str, sts_log: StsLog
 ) -> None:
     await connect(running, local_aws, tenant)
-    before = len(sts_calls.now())  # type: ignore[attr-defined]
+    before = len(sts_log.now())
     request = pb.IssueCredentialsRequest(tenant_id=tenant, run_id="crowded")
     answers = await asyncio.gather(*(running.stub.IssueCredentials(request) for _ in range(50)))
     assert len({a.credentials.access_key_id for a in answers}) == 1
-    made = [c for c in sts_calls.now()[before:] if c.session_name == "crowded"]  # type: ignore[attr-defined]
+    made = [c for c in sts_log.now()[before:] if c.session_name == "crowded"]
     assert len(made) == 1
 
 

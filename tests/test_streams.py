@@ -23,7 +23,6 @@ async def test_stream_renews_before_each_expiry(
     tenant: str,
     broker_settings: dict[str, Any],
     broker_identity: Identity,
-    sts_calls: object,
 ) -> None:
     async with start_broker(broker_settings | {"refresh_margin": 60}, broker_identity) as running:
         await connect(running, local_aws, tenant)

@@ -12,7 +12,7 @@ from grpc_status import rpc_status
 
 from broker.emulator import CUSTOMER_ACCOUNT, Identity, LocalAws
 from broker.v1 import broker_pb2 as pb
-from tests.conftest import Running, connect, start_broker
+from tests.conftest import Running, StsLog, connect, start_broker
 
 
 def make_role(local_aws: LocalAws, name: str, statement: dict[str, Any]) -> str:
@@ -167,3 +167,39 @@ async def test_role_with_short_max_session_says_what_to_raise(
     detail = result["violations"]["assume_with_external_id"]
     assert "MaxSessionDuration" in detail
     assert "7200" in detail
+
+
+async def test_role_created_seconds_ago_is_retried_until_iam_propagates(
+    local_aws: LocalAws,
+    tenant: str,
+    broker_settings: dict[str, Any],
+    broker_identity: Identity,
+    sts_log: StsLog,
+) -> None:
+    """IAM is eventually consistent: a new role may refuse AssumeRole for a while. VerifyRole
+    retries within BROKER_VERIFY_WAIT instead of failing the customer at once."""
+    local_aws.sts.propagation_delay = 2.0
+    async with start_broker(broker_settings | {"verify_wait": 15.0}, broker_identity) as running:
+        created = await pending(running, tenant)
+        role_arn = local_aws.create_customer_stack(created.quick_create_url)
+        verified = await running.stub.VerifyRole(
+            pb.VerifyRoleRequest(tenant_id=tenant, role_arn=role_arn), timeout=30
+        )
+    assert verified.connection.status == pb.CONNECTION_STATUS_ACTIVE
+    tries = [c for c in sts_log.now() if c.role_arn == role_arn and c.external_id]
+    assert not tries[0].allowed, "the first try met a role IAM had not propagated yet"
+    assert tries[-1].allowed
+
+
+async def test_verify_wait_is_bounded_by_the_callers_deadline(
+    local_aws: LocalAws, tenant: str, broker_settings: dict[str, Any], broker_identity: Identity
+) -> None:
+    async with start_broker(broker_settings | {"verify_wait": 60.0}, broker_identity) as running:
+        await pending(running, tenant)
+        role = f"arn:aws:iam::{CUSTOMER_ACCOUNT}:role/never-there"
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await running.stub.VerifyRole(
+                pb.VerifyRoleRequest(tenant_id=tenant, role_arn=role), timeout=4
+            )
+    # The broker gives up in time to answer, rather than letting the deadline expire.
+    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -80,6 +80,8 @@ class AwsClient:
         self._region = region
         self._endpoint_url = endpoint_url
         self._session = get_session()
+        # The regional endpoint: no dependence on us-east-1 for a broker that runs elsewhere.
+        self._session.set_config_variable("sts_regional_endpoints", "regional")
         if static_credentials is not None:
             self._session.set_credentials(*static_credentials)
         self._stack = contextlib.AsyncExitStack()

@@ -68,6 +68,8 @@ class TrustEnforcingSts:
     app: WsgiApp
     # Hand out credentials that expire after this many seconds, whatever was asked (tests).
     session_lifetime: float | None = None
+    # Like IAM's eventual consistency: a role younger than this is not assumable yet.
+    propagation_delay: float = 0.0
     calls: list[AssumeRoleCall] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -111,6 +113,9 @@ class TrustEnforcingSts:
             allowed=False,
         )
         role = _find_role(role_arn)
+        if role is not None and self.propagation_delay:
+            age = (datetime.now(UTC) - role.create_date.replace(tzinfo=UTC)).total_seconds()
+            role = role if age >= self.propagation_delay else None
         context = {"sts:ExternalId": call.external_id, "sts:SourceIdentity": call.source_identity}
         document = json.loads(unquote(role.assume_role_policy_document)) if role else {}
         wanted = ["sts:AssumeRole"]
@@ -270,10 +275,8 @@ class EmulatorClient:
 class LocalAws(EmulatorClient):
     """moto on 127.0.0.1 behind `TrustEnforcingSts`. `start()`, use `endpoint_url`, `stop()`."""
 
-    def __init__(self, port: int = 0, session_lifetime: float | None = None) -> None:
-        self.sts = TrustEnforcingSts(
-            DomainDispatcherApplication(create_backend_app), session_lifetime=session_lifetime
-        )
+    def __init__(self, port: int = 0) -> None:
+        self.sts = TrustEnforcingSts(DomainDispatcherApplication(create_backend_app))
         self._server: BaseWSGIServer = make_server(
             "127.0.0.1", port, self.sts, threaded=True, request_handler=_QuietHandler
         )
