@@ -4,6 +4,7 @@ one table (`STATUS_OF`); an unexpected exception is INTERNAL with a generic mess
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -95,7 +96,9 @@ async def _report(context: grpc.aio.ServicerContext[Any, Any], method: str, exc:
     )
 
 
-def _log_call(method: str, request: Any, started: float, code: str) -> None:
+def _log_call(method: str, request: Any, started: float, code: str, **more: object) -> None:
+    """One line per call. The request's ids only: a request never holds a secret, but the
+    responses of IssueCredentials and WatchCredentials do, so no message is ever logged whole."""
     log.info(
         "rpc",
         extra={
@@ -104,6 +107,7 @@ def _log_call(method: str, request: Any, started: float, code: str) -> None:
             "tenant": getattr(request, "tenant_id", ""),
             "run": getattr(request, "run_id", ""),
             "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+            **more,
         },
     )
 
@@ -113,15 +117,18 @@ def unary(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: Any) -> Any:
-        started = time.perf_counter()
+        started, code = time.perf_counter(), "OK"
         try:
-            response = await handler(self, request, context)
+            return await handler(self, request, context)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
         except Exception as exc:
-            _log_call(handler.__name__, request, started, _code_name(exc))
+            code = _code_name(exc)
             await _report(context, handler.__name__, exc)
             raise
-        _log_call(handler.__name__, request, started, "OK")
-        return response
+        finally:
+            _log_call(handler.__name__, request, started, code)
 
     return wrapper  # type: ignore[return-value]
 
@@ -131,14 +138,20 @@ def streaming(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
-        started = time.perf_counter()
+        started, code, sent = time.perf_counter(), "OK", 0
         try:
             async for message in handler(self, request, context):
                 yield message
+                sent += 1
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
         except Exception as exc:
-            _log_call(handler.__name__, request, started, _code_name(exc))
+            code = _code_name(exc)
             await _report(context, handler.__name__, exc)
             raise
+        finally:
+            _log_call(handler.__name__, request, started, code, messages=sent)
 
     return wrapper  # type: ignore[return-value]
 
@@ -252,6 +265,7 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         try:
             async for credentials in watch(
                 subscription,
+                grant,
                 lambda: self._connections.grant(tenant_id, run_id),
                 self._cache,
                 refresh_margin=self._refresh_margin,

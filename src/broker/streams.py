@@ -105,6 +105,7 @@ class StreamHub:
 
 async def watch(
     subscription: Subscription,
+    grant: Grant,
     load_grant: Callable[[], Awaitable[Grant]],
     cache: CredentialCache,
     *,
@@ -112,11 +113,12 @@ async def watch(
     clock: Callable[[], float] = time.time,
     rng: random.Random | None = None,
 ) -> AsyncIterator[Credentials]:
-    """Yield a run's credentials now, then new ones before each refresh point, until the
-    subscription is ended. Transient STS errors are retried while the held credentials are
-    valid; they end the stream (UNAVAILABLE) only once those have expired."""
+    """Yield the credentials of `grant` now, then new ones before each refresh point (reading
+    the grant again each time with `load_grant`), until the subscription is ended. Transient STS
+    errors are retried while the held credentials are valid; they end the stream
+    (UNAVAILABLE) only once those have expired."""
     rng = rng or random.Random()  # noqa: S311 - jitter, not security
-    held = await cache.get(await load_grant())
+    held = await cache.get(grant)
     yield held
     backoff = RETRY_BACKOFF_START
     delay = _renewal_delay(held, refresh_margin, clock(), rng)
