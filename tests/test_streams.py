@@ -100,3 +100,24 @@ async def test_cancelled_stream_leaves_nothing_behind(
             break
         await asyncio.sleep(0.05)
     assert len(running.broker.hub) == 0
+
+
+async def test_every_call_is_one_log_line_with_its_code(
+    running: Running, local_aws: LocalAws, tenant: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await connect(running, local_aws, tenant)
+    stream = running.stub.WatchCredentials(pb.WatchCredentialsRequest(tenant_id=tenant, run_id="r"))
+    await stream.read()
+    caplog.set_level("INFO", logger="broker.service")
+    stream.cancel()
+    for _ in range(50):
+        if any(getattr(r, "method", "") == "WatchCredentials" for r in caplog.records):
+            break
+        await asyncio.sleep(0.05)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await running.stub.GetConnection(pb.GetConnectionRequest(tenant_id="no-such-tenant"))
+    lines = [(r.method, r.code) for r in caplog.records if r.name == "broker.service"]  # type: ignore[attr-defined]
+    assert lines == [("WatchCredentials", "CANCELLED"), ("GetConnection", "NOT_FOUND")]
+    watch_line = next(r for r in caplog.records if getattr(r, "method", "") == "WatchCredentials")
+    assert watch_line.messages == 1  # type: ignore[attr-defined]
+    assert watch_line.tenant == tenant  # type: ignore[attr-defined]

@@ -5,6 +5,7 @@ one table (`STATUS_OF`); an unexpected exception is INTERNAL with a generic mess
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -96,62 +97,60 @@ async def _report(context: grpc.aio.ServicerContext[Any, Any], method: str, exc:
     )
 
 
-def _log_call(method: str, request: Any, started: float, code: str, **more: object) -> None:
-    """One line per call. The request's ids only: a request never holds a secret, but the
-    responses of IssueCredentials and WatchCredentials do, so no message is ever logged whole."""
-    log.info(
-        "rpc",
-        extra={
-            "method": method,
-            "code": code,
-            "tenant": getattr(request, "tenant_id", ""),
-            "run": getattr(request, "run_id", ""),
-            "latency_ms": round((time.perf_counter() - started) * 1000, 2),
-            **more,
-        },
-    )
+@contextlib.asynccontextmanager
+async def _handled(
+    method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[dict[str, object]]:
+    """Around every call: errors become status (the one place that does), and one log line
+    with the request's ids only. Requests hold no secret; the responses of IssueCredentials and
+    WatchCredentials do, so no message is ever logged whole. Yields extra fields to log."""
+    started, code = time.perf_counter(), "OK"
+    fields: dict[str, object] = {}
+    try:
+        yield fields
+    except (asyncio.CancelledError, GeneratorExit):  # the caller went away
+        code = "CANCELLED"
+        raise
+    except Exception as exc:
+        code = _code_name(exc)
+        await _report(context, method, exc)
+        raise
+    finally:
+        log.info(
+            "rpc",
+            extra={
+                "method": method,
+                "code": code,
+                "tenant": getattr(request, "tenant_id", ""),
+                "run": getattr(request, "run_id", ""),
+                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                **fields,
+            },
+        )
 
 
 def unary(handler: Handler) -> Handler:
-    """Run a unary handler, turning its errors into status (the one place that does)."""
+    """Run a unary handler inside `_handled`."""
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: Any) -> Any:
-        started, code = time.perf_counter(), "OK"
-        try:
+        async with _handled(handler.__name__, request, context):
             return await handler(self, request, context)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as exc:
-            code = _code_name(exc)
-            await _report(context, handler.__name__, exc)
-            raise
-        finally:
-            _log_call(handler.__name__, request, started, code)
 
     return wrapper  # type: ignore[return-value]
 
 
 def streaming(handler: Handler) -> Handler:
-    """The same for server-streaming handlers."""
+    """Run a server-streaming handler inside `_handled`, counting the messages sent."""
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
-        started, code, sent = time.perf_counter(), "OK", 0
-        try:
+        sent = 0
+        async with _handled(handler.__name__, request, context) as fields:
             async for message in handler(self, request, context):
                 yield message
                 sent += 1
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as exc:
-            code = _code_name(exc)
-            await _report(context, handler.__name__, exc)
-            raise
-        finally:
-            _log_call(handler.__name__, request, started, code, messages=sent)
+                fields["messages"] = sent
 
     return wrapper  # type: ignore[return-value]
 
