@@ -22,7 +22,6 @@ DEFAULT_CACHE_MAX_ENTRIES = 100_000
 DEFAULT_VERIFY_WAIT = 30.0
 DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_MAX_PENDING_REQUESTS = 20_000
-ROLE_CHAINING_CAP = 3600
 
 
 class Settings(BaseSettings):
@@ -148,10 +147,6 @@ class Settings(BaseSettings):
                 f"BROKER_SESSION_DURATION ({self.session_duration})"
             )
         return self
-
-    @property
-    def sqlite_path(self) -> str:
-        return self.database_url.removeprefix("sqlite:///")
 
 
 def split_host_port(value: str) -> tuple[str, int]:

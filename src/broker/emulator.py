@@ -34,6 +34,7 @@ from moto.moto_server.werkzeug_app import (
 from moto.sts.models import sts_backends
 from werkzeug.serving import BaseWSGIServer, make_server
 
+from broker.config import MAX_SESSION_DURATION
 from broker.template import template_body
 
 PLATFORM_ACCOUNT = "111111111111"
@@ -127,7 +128,9 @@ class TrustEnforcingSts:
         if not refused:
             assert role is not None
             chained = ":assumed-role/" in caller_arn
-            limit = min(role.max_session_duration, ROLE_CHAINING_CAP if chained else 43200)
+            limit = min(
+                role.max_session_duration, ROLE_CHAINING_CAP if chained else MAX_SESSION_DURATION
+            )
             if call.duration > limit:
                 with self._lock:
                     self.calls.append(call)
