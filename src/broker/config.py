@@ -6,10 +6,14 @@ No other module reads the environment; constructors take the pieces of `Settings
 from __future__ import annotations
 
 import ipaddress
+import tomllib
+from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, FilePath, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from broker.auth import Policy, parse_token_hashes
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATABASE_URL = "sqlite:///./broker.db"
@@ -22,6 +26,7 @@ DEFAULT_CACHE_MAX_ENTRIES = 100_000
 DEFAULT_VERIFY_WAIT = 30.0
 DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_MAX_PENDING_REQUESTS = 20_000
+DEFAULT_MAX_CALL_SECONDS = 60.0
 
 
 class Settings(BaseSettings):
@@ -31,8 +36,8 @@ class Settings(BaseSettings):
 
     listen: str = Field(
         DEFAULT_LISTEN,
-        description="host:port the gRPC server listens on. Only loopback until caller "
-        "authentication is configured.",
+        description="host:port the gRPC server listens on. Any address but loopback needs "
+        "caller authentication (mTLS or tokens).",
     )
     database_url: str = Field(
         DEFAULT_DATABASE_URL, description="Where connections are stored (never credentials)."
@@ -89,17 +94,69 @@ class Settings(BaseSettings):
         description="Calls gRPC core queues before the server takes them (reconnect storms).",
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    tls_cert_file: FilePath | None = Field(
+        None, description="The server's TLS certificate chain (PEM). With TLS_KEY_FILE: TLS on."
+    )
+    tls_key_file: FilePath | None = Field(None, description="The server's TLS private key (PEM).")
+    tls_client_ca_file: FilePath | None = Field(
+        None,
+        description="CA bundle (PEM) for client certificates: mTLS, every caller must present "
+        "one. The caller's identity is its SPIFFE ID (URI SAN), else its first DNS SAN.",
+    )
+    token_hashes: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Bearer tokens, as comma-separated identity=sha256:<hex> (only hashes; "
+        "`broker token` makes a token and its hash). Needs TLS off loopback.",
+    )
+    policy: str | None = Field(
+        None,
+        description="Who may call what: 'identity=connections|credentials|all|<RPC>[,…]"
+        "[@tenant|…]; …'. Required with authentication.",
+    )
+    policy_file: FilePath | None = Field(
+        None, description="The same policy as a TOML file of [[caller]] identity/rpcs/tenants."
+    )
+    max_call_seconds: float = Field(
+        DEFAULT_MAX_CALL_SECONDS,
+        gt=0,
+        le=600,
+        description="Longest a unary call without a deadline may run (streams are exempt).",
+    )
 
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
-        host, port = split_host_port(value)
-        if not is_loopback(host):
-            raise ValueError(
-                f"{host} is not a loopback address: caller authentication is not configured, "
-                "so the broker listens on loopback only (e.g. 127.0.0.1:50051)"
-            )
-        del port
+        split_host_port(value)
+        return value
+
+    @field_validator("token_hashes", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("token_hashes")
+    @classmethod
+    def _check_tokens(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parse_token_hashes(value)
+        return value
+
+    @field_validator("policy")
+    @classmethod
+    def _check_policy(cls, value: str | None) -> str | None:
+        if value is not None:
+            Policy.parse(value)
+        return value
+
+    @field_validator("policy_file")
+    @classmethod
+    def _check_policy_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                Policy.from_toml(value.read_text())
+            except (KeyError, TypeError, tomllib.TOMLDecodeError) as exc:
+                raise ValueError(f"not a policy file ({exc})") from None
         return value
 
     @field_validator("database_url")
@@ -147,6 +204,53 @@ class Settings(BaseSettings):
                 f"BROKER_SESSION_DURATION ({self.session_duration})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_security(self) -> Settings:
+        """Secure by default: off loopback, every caller is authenticated, over TLS."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("BROKER_TLS_CERT_FILE and BROKER_TLS_KEY_FILE go together")
+        if self.tls_client_ca_file is not None and not self.tls:
+            raise ValueError("BROKER_TLS_CLIENT_CA_FILE (mTLS) needs BROKER_TLS_CERT/KEY_FILE")
+        host = split_host_port(self.listen)[0]
+        if not is_loopback(host):
+            if not self.authenticated:
+                raise ValueError(
+                    f"refusing to listen on {self.listen} without caller authentication: anyone "
+                    "who reaches the port could take AWS credentials. Configure mTLS "
+                    "(BROKER_TLS_CERT_FILE, BROKER_TLS_KEY_FILE, BROKER_TLS_CLIENT_CA_FILE) or "
+                    "bearer tokens (BROKER_TOKEN_HASHES, with TLS), or listen on 127.0.0.1"
+                )
+            if not self.tls:
+                raise ValueError(
+                    f"refusing to send bearer tokens and credentials in plaintext on "
+                    f"{self.listen}: set BROKER_TLS_CERT_FILE and BROKER_TLS_KEY_FILE"
+                )
+        if self.authenticated and self.policy is None and self.policy_file is None:
+            raise ValueError(
+                "caller authentication is configured but no policy says who may call what: set "
+                "BROKER_POLICY (e.g. 'spiffe://example.org/ui=connections; "
+                "spiffe://example.org/launcher=credentials') or BROKER_POLICY_FILE"
+            )
+        if not self.authenticated and (self.policy is not None or self.policy_file is not None):
+            raise ValueError(
+                "a policy is configured but no caller authentication: set "
+                "BROKER_TLS_CLIENT_CA_FILE or BROKER_TOKEN_HASHES"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def authenticated(self) -> bool:
+        return self.tls_client_ca_file is not None or bool(self.token_hashes)
+
+    def load_policy(self) -> Policy | None:
+        if self.policy_file is not None:
+            return Policy.from_toml(self.policy_file.read_text())
+        return Policy.parse(self.policy) if self.policy is not None else None
 
 
 def split_host_port(value: str) -> tuple[str, int]:

@@ -1,6 +1,9 @@
 """The broker's domain errors. Handlers map each class to one gRPC status code (service.py).
 
     BrokerError
+    ├── Unauthenticated        no caller identity, or a bad one (wrong token, no certificate)
+    ├── PermissionDenied       the caller may not call this RPC, or not for this tenant
+    ├── DeadlineExceeded       a call without a deadline ran past the server's cap
     ├── InvalidArgument        a malformed or missing request field (carries the field name)
     ├── NotFound               no connection for the tenant
     ├── AlreadyExists          CreateConnection on an ACTIVE connection
@@ -22,6 +25,18 @@ from dataclasses import dataclass
 
 class BrokerError(Exception):
     """Base of every error the broker reports to a caller. The message is safe to show."""
+
+
+class Unauthenticated(BrokerError):
+    pass
+
+
+class PermissionDenied(BrokerError):
+    pass
+
+
+class DeadlineExceeded(BrokerError):
+    pass
 
 
 class InvalidArgument(BrokerError):

@@ -13,7 +13,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from broker import logs
+from broker import logs, wire
+from broker.auth import Guard, parse_token_hashes
 from broker.aws import AwsClient
 from broker.cache import CredentialCache
 from broker.config import ConfigError, Settings
@@ -24,7 +25,7 @@ from broker.errors import BrokerError, ShuttingDown, StreamEnded
 from broker.service import CredentialBrokerService
 from broker.store import ConnectionStore, open_store
 from broker.streams import StreamHub
-from broker.v1 import broker_pb2, broker_pb2_grpc
+from broker.v1 import broker_pb2
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,20 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
         on_disconnected=disconnected,
     )
     server = grpc.aio.server(options=server_options(settings))
-    broker_pb2_grpc.add_CredentialBrokerServicer_to_server(
-        CredentialBrokerService(connections, cache, hub, refresh_margin=settings.refresh_margin),
+    guard = Guard(
+        mtls=settings.tls_client_ca_file is not None,
+        token_hashes=parse_token_hashes(settings.token_hashes),
+        policy=settings.load_policy(),
+    )
+    wire.add_to_server(
+        CredentialBrokerService(
+            connections,
+            cache,
+            hub,
+            guard=guard,
+            refresh_margin=settings.refresh_margin,
+            max_call_seconds=settings.max_call_seconds,
+        ),
         server,
     )
     health_servicer = health.aio.HealthServicer()
@@ -144,7 +157,11 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(settings.listen)
+    port = (
+        server.add_secure_port(settings.listen, server_credentials(settings))
+        if settings.tls
+        else server.add_insecure_port(settings.listen)
+    )
     if port == 0:
         raise ConfigError(f"BROKER_LISTEN={settings.listen}: cannot listen there")
     await server.start()
@@ -153,9 +170,29 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
     sweeper = asyncio.create_task(_sweep_forever(cache), name="cache-sweeper")
     log.info(
         "serving",
-        extra={"listen": settings.listen, "port": port, "trusted_principal": principal},
+        extra={
+            "listen": settings.listen,
+            "port": port,
+            "tls": settings.tls,
+            "mtls": settings.tls_client_ca_file is not None,
+            "tokens": len(settings.token_hashes),
+            "trusted_principal": principal,
+        },
     )
     return Broker(settings, server, port, health_servicer, aws, store, cache, hub, sweeper)
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS with the configured certificate; with a client CA, every caller must present a
+    certificate it signed (mTLS)."""
+    assert settings.tls_cert_file is not None
+    assert settings.tls_key_file is not None
+    client_ca = settings.tls_client_ca_file
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca else None,
+        require_client_auth=client_ca is not None,
+    )
 
 
 async def _sweep_forever(cache: CredentialCache) -> None:

@@ -20,27 +20,35 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from broker import validation
+from broker.auth import Guard
 from broker.cache import CredentialCache
 from broker.connections import Connections, guidance
 from broker.errors import (
     Aborted,
     AlreadyExists,
     BrokerError,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     StreamEnded,
+    Unauthenticated,
     Unavailable,
 )
 from broker.models import Connection, Credentials, Status
 from broker.streams import StreamHub, watch
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc
+from broker.wire import Malformed
 
 log = logging.getLogger(__name__)
 
 # The one mapping from domain errors to status codes (DESIGN.md, "Status codes"). First match wins.
 STATUS_OF: tuple[tuple[type[BrokerError], grpc.StatusCode], ...] = (
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
@@ -99,14 +107,20 @@ async def _report(context: grpc.aio.ServicerContext[Any, Any], method: str, exc:
 
 @contextlib.asynccontextmanager
 async def _handled(
-    method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    guard: Guard, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]
 ) -> AsyncIterator[dict[str, object]]:
-    """Around every call: errors become status (the one place that does), and one log line
-    with the request's ids only. Requests hold no secret; the responses of IssueCredentials and
-    WatchCredentials do, so no message is ever logged whole. Yields extra fields to log."""
+    """Around every call: the caller is authenticated and authorised; errors become status
+    (the one place that does); one log line with the caller and the request's ids only.
+    Requests hold no secret; the responses of IssueCredentials and WatchCredentials do, so no
+    message is ever logged whole. Yields extra fields to log."""
     started, code = time.perf_counter(), "OK"
     fields: dict[str, object] = {}
     try:
+        caller = guard.caller(context.auth_context(), context.invocation_metadata())
+        fields["caller"] = caller.identity
+        if isinstance(request, Malformed):
+            raise InvalidArgument("request", f"is not a valid {request.type_name} message")
+        guard.check(caller, method, request.tenant_id)
         yield fields
     except (asyncio.CancelledError, GeneratorExit):  # the caller went away
         code = "CANCELLED"
@@ -133,9 +147,16 @@ def unary(handler: Handler) -> Handler:
     """Run a unary handler inside `_handled`."""
 
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Any, context: Any) -> Any:
-        async with _handled(handler.__name__, request, context):
-            return await handler(self, request, context)
+    async def wrapper(self: CredentialBrokerService, request: Any, context: Any) -> Any:
+        async with _handled(self.guard, handler.__name__, request, context):
+            limit = self.max_call_seconds if context.time_remaining() is None else None
+            try:
+                async with asyncio.timeout(limit):
+                    return await handler(self, request, context)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"the call took longer than the server's limit of {limit} s"
+                ) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -144,9 +165,11 @@ def streaming(handler: Handler) -> Handler:
     """Run a server-streaming handler inside `_handled`, counting the messages sent."""
 
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+    async def wrapper(
+        self: CredentialBrokerService, request: Any, context: Any
+    ) -> AsyncIterator[Any]:
         sent = 0
-        async with _handled(handler.__name__, request, context) as fields:
+        async with _handled(self.guard, handler.__name__, request, context) as fields:
             async for message in handler(self, request, context):
                 yield message
                 sent += 1
@@ -189,12 +212,16 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         cache: CredentialCache,
         hub: StreamHub,
         *,
+        guard: Guard,
         refresh_margin: float,
+        max_call_seconds: float,
     ) -> None:
         self._connections = connections
         self._cache = cache
         self._hub = hub
         self._refresh_margin = refresh_margin
+        self.guard = guard
+        self.max_call_seconds = max_call_seconds
 
     def connection_pb(self, connection: Connection) -> pb.Connection:
         settings = self._connections.settings
@@ -232,7 +259,10 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
     ) -> pb.VerifyRoleResponse:
         tenant_id = validation.field("tenant_id", request.tenant_id)
         role_arn = validation.field("role_arn", request.role_arn)
-        connection = await self._connections.verify(tenant_id, role_arn, context.time_remaining())
+        time_left = context.time_remaining()
+        connection = await self._connections.verify(
+            tenant_id, role_arn, self.max_call_seconds if time_left is None else time_left
+        )
         return pb.VerifyRoleResponse(connection=self.connection_pb(connection))
 
     @unary
