@@ -47,6 +47,7 @@ def _reset_emulator(request: pytest.FixtureRequest) -> Iterator[None]:
         aws: LocalAws = request.getfixturevalue("local_aws")
         aws.sts.session_lifetime = None
         aws.sts.propagation_delay = 0.0
+        aws.sts.latency = 0.0
 
 
 class StsLog:
@@ -134,3 +135,11 @@ async def connect(running: Running, local_aws: LocalAws, tenant_id: str) -> pb.C
     )
     assert verified.connection.status == pb.CONNECTION_STATUS_ACTIVE
     return verified.connection
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Report how many hostile inputs the run sent (tests/test_hostile_input.py)."""
+    from tests import test_hostile_input
+
+    if test_hostile_input.TRIED:
+        terminalreporter.write_line(test_hostile_input.report())

@@ -11,8 +11,9 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from broker.emulator import Identity, LocalAws
 from broker.v1 import broker_pb2 as pb
-from tests.conftest import Running
+from tests.conftest import Running, connect, start_broker
 
 BAD_IDS = [
     "",
@@ -114,3 +115,22 @@ async def test_oversized_request_is_refused_and_server_keeps_serving(running: Ru
     with pytest.raises(grpc.aio.AioRpcError) as after:
         await running.stub.GetConnection(pb.GetConnectionRequest(tenant_id="still-here"))
     assert after.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_calls_without_a_deadline_are_capped(
+    local_aws: LocalAws, tenant: str, broker_settings: dict[str, Any], broker_identity: Identity
+) -> None:
+    async with start_broker(
+        broker_settings | {"max_call_seconds": 1.0}, broker_identity
+    ) as running:
+        await connect(running, local_aws, tenant)
+        local_aws.sts.latency = 3.0
+        request = pb.IssueCredentialsRequest(tenant_id=tenant, run_id="slow")
+        with pytest.raises(grpc.aio.AioRpcError) as capped:
+            await running.stub.IssueCredentials(request)  # no deadline
+        assert capped.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "limit of 1.0 s" in (capped.value.details() or "")
+        local_aws.sts.latency = 0.0
+        # A caller's own deadline, when it has one, is the one that counts.
+        answer = await running.stub.IssueCredentials(request, timeout=10)
+        assert answer.credentials.access_key_id

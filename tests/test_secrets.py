@@ -81,3 +81,27 @@ def test_credentials_never_show_their_secrets_in_repr() -> None:
     shown = repr(credentials) + str(credentials)
     assert "ASIAEXAMPLE" in shown
     assert "very-secret" not in shown
+
+
+def test_messages_holding_credentials_print_redacted() -> None:
+    from broker import wire
+
+    credentials = pb.Credentials(
+        access_key_id="ASIAEXAMPLE", secret_access_key="very-secret-key", session_token="tok3n"
+    )
+    for message in (
+        credentials,
+        pb.IssueCredentialsResponse(credentials=credentials),
+        pb.WatchCredentialsResponse(credentials=credentials),
+    ):
+        assert isinstance(message, wire.HOLDS_CREDENTIALS)
+        shown = f"{message} {message!r} {[message]}"
+        assert "very-secret-key" not in shown
+        assert "tok3n" not in shown
+        assert "redacted" in shown
+    assert (
+        pb.IssueCredentialsResponse.FromString(
+            pb.IssueCredentialsResponse(credentials=credentials).SerializeToString()
+        ).credentials.secret_access_key
+        == "very-secret-key"
+    ), "the wire still carries them"

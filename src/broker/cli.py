@@ -9,6 +9,7 @@ import sys
 import tempfile
 
 from broker import logs
+from broker.auth import hash_token, new_token
 from broker.config import ConfigError, describe_settings, load_settings
 from broker.template import template_body
 
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("quick_create_url")
     stack.add_argument("--aws-endpoint", default="http://127.0.0.1:5000")
     commands.add_parser("template", help="print the customer's CloudFormation template")
+    token = commands.add_parser(
+        "token", help="make a bearer token for a caller, and the hash the broker is configured with"
+    )
+    token.add_argument("identity", help="the caller's name in BROKER_POLICY, e.g. launcher")
     args = parser.parse_args(argv)
     try:
         if args.command == "template":
@@ -59,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             _dev(args.aws_port)
         elif args.command == "dev-stack":
             _dev_stack(args.quick_create_url, args.aws_endpoint)
+        elif args.command == "token":
+            secret = new_token()
+            print(f"token (give it to {args.identity} only; it is not stored): {secret}")
+            print(f"BROKER_TOKEN_HASHES entry: {args.identity}={hash_token(secret)}")
     except ConfigError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return 2

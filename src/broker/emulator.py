@@ -17,6 +17,7 @@ import io
 import json
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -71,6 +72,8 @@ class TrustEnforcingSts:
     session_lifetime: float | None = None
     # Like IAM's eventual consistency: a role younger than this is not assumable yet.
     propagation_delay: float = 0.0
+    # Seconds every AssumeRole answer is held back (a slow STS).
+    latency: float = 0.0
     calls: list[AssumeRoleCall] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -83,6 +86,8 @@ class TrustEnforcingSts:
         params = {k: v[0] for k, v in parse_qs(body.decode()).items()}
         if params.get("Action") != "AssumeRole":
             return self.app(environ, start_response)
+        if self.latency:
+            time.sleep(self.latency)
         refusal = self._judge(scope.group(1), params)
         if refusal is not None:
             status, code, message = refusal

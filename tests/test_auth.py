@@ -1,0 +1,210 @@
+"""Only the right callers, only the right RPCs: mTLS with real certificates made here, bearer
+tokens of which only hashes are configured, and the per-RPC, per-tenant policy."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from broker.auth import hash_token, new_token
+from broker.emulator import Identity, LocalAws
+from broker.v1 import broker_pb2 as pb
+from broker.v1 import broker_pb2_grpc
+from tests.certs import Authority, Issued
+from tests.conftest import start_broker
+
+UI = "spiffe://example.org/ns/platform/sa/settings-ui"
+LAUNCHER = "spiffe://example.org/ns/platform/sa/launcher"
+POLICY = f"{UI}=connections; {LAUNCHER}=credentials"
+
+
+@dataclass
+class Pki:
+    ca: Authority
+    server: Issued
+    ui: Issued
+    launcher: Issued
+    dns_only: Issued
+    rogue_launcher: Issued
+    files: dict[str, Path]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    folder = tmp_path_factory.mktemp("pki")
+    ca = Authority("broker test CA")
+    rogue = Authority("someone else's CA")
+    server = ca.issue("broker", dns=("localhost",), ips=("127.0.0.1",), server=True)
+    files = {
+        "ca": folder / "ca.pem",
+        "cert": folder / "server.pem",
+        "key": folder / "server-key.pem",
+    }
+    files["ca"].write_bytes(ca.cert_pem)
+    files["cert"].write_bytes(server.cert_pem)
+    files["key"].write_bytes(server.key_pem)
+    return Pki(
+        ca,
+        server,
+        ca.issue("settings-ui", uris=(UI,)),
+        ca.issue("launcher", uris=(LAUNCHER,), dns=("launcher.internal",)),
+        ca.issue("ops", dns=("ops.internal",)),
+        rogue.issue("launcher", uris=(LAUNCHER,)),
+        files,
+    )
+
+
+def tls_settings(pki: Pki, base: dict[str, Any], **more: Any) -> dict[str, Any]:
+    return base | {
+        "tls_cert_file": str(pki.files["cert"]),
+        "tls_key_file": str(pki.files["key"]),
+        **more,
+    }
+
+
+def channel_as(address: str, pki: Pki, client: Issued | None) -> grpc.aio.Channel:
+    credentials = grpc.ssl_channel_credentials(
+        pki.ca.cert_pem,
+        client.key_pem if client else None,
+        client.cert_pem if client else None,
+    )
+    return grpc.aio.secure_channel(address, credentials)
+
+
+@pytest.fixture
+async def mtls_broker(
+    pki: Pki, broker_settings: dict[str, Any], broker_identity: Identity
+) -> AsyncIterator[str]:
+    settings = tls_settings(
+        pki,
+        broker_settings,
+        tls_client_ca_file=str(pki.files["ca"]),
+        policy=POLICY + "; ops.internal=GetConnection",
+    )
+    async with start_broker(settings, broker_identity) as running:
+        yield running.address
+
+
+async def refused_code(channel: grpc.aio.Channel, call: str, request: Any) -> grpc.StatusCode:
+    stub = broker_pb2_grpc.CredentialBrokerStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await getattr(stub, call)(request, timeout=5)
+    code: grpc.StatusCode = refused.value.code()
+    return code
+
+
+async def test_mtls_identities_get_only_their_rpcs(
+    mtls_broker: str, pki: Pki, local_aws: LocalAws, tenant: str
+) -> None:
+    async with (
+        channel_as(mtls_broker, pki, pki.ui) as ui_channel,
+        channel_as(mtls_broker, pki, pki.launcher) as launcher_channel,
+        channel_as(mtls_broker, pki, pki.dns_only) as ops_channel,
+    ):
+        ui = broker_pb2_grpc.CredentialBrokerStub(ui_channel)
+        launcher = broker_pb2_grpc.CredentialBrokerStub(launcher_channel)
+        created = await ui.CreateConnection(pb.CreateConnectionRequest(tenant_id=tenant))
+        role_arn = local_aws.create_customer_stack(created.connection.quick_create_url)
+        await ui.VerifyRole(pb.VerifyRoleRequest(tenant_id=tenant, role_arn=role_arn))
+
+        issued = await launcher.IssueCredentials(
+            pb.IssueCredentialsRequest(tenant_id=tenant, run_id="r")
+        )
+        assert issued.credentials.access_key_id
+
+        issue = pb.IssueCredentialsRequest(tenant_id=tenant, run_id="r")
+        assert await refused_code(ui_channel, "IssueCredentials", issue) == (
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+        disconnect = pb.DisconnectRequest(tenant_id=tenant)
+        assert await refused_code(launcher_channel, "Disconnect", disconnect) == (
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+        # A certificate without a SPIFFE ID is known by its DNS SAN.
+        ops = broker_pb2_grpc.CredentialBrokerStub(ops_channel)
+        got = await ops.GetConnection(pb.GetConnectionRequest(tenant_id=tenant))
+        assert got.connection.status == pb.CONNECTION_STATUS_ACTIVE
+        assert await refused_code(ops_channel, "Disconnect", disconnect) == (
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+
+
+@pytest.mark.parametrize("who", ["no certificate", "another CA's certificate"])
+async def test_callers_without_a_trusted_certificate_are_rejected(
+    mtls_broker: str, pki: Pki, who: str
+) -> None:
+    client = None if who == "no certificate" else pki.rogue_launcher
+    async with channel_as(mtls_broker, pki, client) as channel:
+        request = pb.IssueCredentialsRequest(tenant_id="acme", run_id="r")
+        assert await refused_code(channel, "IssueCredentials", request) == (
+            grpc.StatusCode.UNAVAILABLE
+        ), "the TLS handshake fails: no call reaches the broker"
+    async with channel_as(mtls_broker, pki, pki.launcher) as good:
+        health = health_pb2_grpc.HealthStub(good)
+        answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_tokens_authenticate_by_hash_and_never_reach_the_log(
+    pki: Pki,
+    broker_settings: dict[str, Any],
+    broker_identity: Identity,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    launcher_token, ui_token = new_token(), new_token()
+    settings = tls_settings(
+        pki,
+        broker_settings,
+        token_hashes=f"launcher={hash_token(launcher_token)},ui={hash_token(ui_token)}",
+        policy="ui=connections; launcher=credentials@acme|globex",
+    )
+    caplog.set_level(logging.INFO)
+    async with (
+        start_broker(settings, broker_identity) as running,
+        channel_as(running.address, pki, None) as channel,
+    ):
+        stub = broker_pb2_grpc.CredentialBrokerStub(channel)
+
+        def bearer(token: str) -> tuple[tuple[str, str]]:
+            return (("authorization", f"Bearer {token}"),)
+
+        get = pb.GetConnectionRequest(tenant_id="acme")
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.GetConnection(get)
+        assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as wrong:
+            await stub.GetConnection(get, metadata=bearer(launcher_token[:-2] + "xx"))
+        assert wrong.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as known:
+            await stub.GetConnection(get, metadata=bearer(ui_token))
+        assert known.value.code() == grpc.StatusCode.NOT_FOUND, "authenticated and allowed"
+        with pytest.raises(grpc.aio.AioRpcError) as not_theirs:
+            await stub.GetConnection(get, metadata=bearer(launcher_token))
+        assert not_theirs.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        other_tenant = pb.IssueCredentialsRequest(tenant_id="initech", run_id="r")
+        with pytest.raises(grpc.aio.AioRpcError) as narrowed:
+            await stub.IssueCredentials(other_tenant, metadata=bearer(launcher_token))
+        assert narrowed.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        allowed_tenant = pb.IssueCredentialsRequest(tenant_id="acme", run_id="r")
+        with pytest.raises(grpc.aio.AioRpcError) as passed_policy:
+            await stub.IssueCredentials(allowed_tenant, metadata=bearer(launcher_token))
+        assert passed_policy.value.code() == grpc.StatusCode.NOT_FOUND
+
+    lines = [r for r in caplog.records if r.name == "broker.service"]
+    assert [getattr(r, "caller", None) for r in lines[-4:]] == [
+        "ui",
+        "launcher",
+        "launcher",
+        "launcher",
+    ]
+    logged = "\n".join(f"{r.getMessage()} {vars(r)}" for r in caplog.records)
+    assert launcher_token not in logged
+    assert ui_token not in logged
+    assert launcher_token[:-2] not in logged
