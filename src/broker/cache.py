@@ -147,6 +147,14 @@ class CredentialCache:
             if not runs:
                 del self._by_tenant[key[0]]
 
+    def tenants(self) -> list[str]:
+        return list(self._by_tenant)
+
+    def grants_of(self, tenant_id: str) -> list[Grant]:
+        """The grants the tenant's cached credentials were issued under."""
+        runs = self._by_tenant.get(tenant_id, ())
+        return [self._entries[(tenant_id, run)].grant for run in runs]
+
     def release(self, tenant_id: str, run_id: str) -> None:
         """Forget one run's credentials (the run ended)."""
         self._remove((tenant_id, run_id))

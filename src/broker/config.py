@@ -27,6 +27,7 @@ DEFAULT_VERIFY_WAIT = 30.0
 DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_MAX_PENDING_REQUESTS = 20_000
 DEFAULT_MAX_CALL_SECONDS = 60.0
+DEFAULT_RECHECK_INTERVAL = 30.0
 
 
 class Settings(BaseSettings):
@@ -40,7 +41,15 @@ class Settings(BaseSettings):
         "caller authentication (mTLS or tokens).",
     )
     database_url: str = Field(
-        DEFAULT_DATABASE_URL, description="Where connections are stored (never credentials)."
+        DEFAULT_DATABASE_URL,
+        description="Where connections are stored (never credentials): sqlite:///PATH for one "
+        "replica, postgresql://… for several.",
+    )
+    recheck_interval: float = Field(
+        DEFAULT_RECHECK_INTERVAL,
+        gt=0,
+        description="Seconds between re-checks of every tenant held, in case a change "
+        "notification from another replica was lost.",
     )
     trusted_principal_arn: str | None = Field(
         None,
@@ -162,8 +171,8 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        if not value.startswith("sqlite:///"):
-            raise ValueError("must be sqlite:///PATH (PostgreSQL is not supported yet)")
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("must be sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB")
         return value
 
     @field_validator("template_url", "aws_endpoint_url")

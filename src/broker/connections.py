@@ -18,7 +18,7 @@ from broker.aws import AssumeRoleRequest, AwsClient
 from broker.credentials import run_request, session_policy_arns
 from broker.errors import AlreadyExists, NotActive, NotFound, RoleNotAssumable, VerificationFailed
 from broker.models import Check, Connection, Credentials, Grant, Status
-from broker.store import ConnectionStore, StoreConflict
+from broker.store import ConnectionStore, StoreConflict, StoreUnavailable
 from broker.template import quick_create_url, stack_name
 from broker.trust import requires_external_id
 
@@ -66,6 +66,8 @@ class Connections:
         self._on_disconnected = on_disconnected
         self._sleep = sleep
         self._clock = clock
+        # tenant → its last ACTIVE grant read from the store; changed only by `grant`.
+        self._last_grants: dict[str, Grant] = {}
 
     async def get(self, tenant_id: str) -> Connection:
         connection = await self._store.get(tenant_id)
@@ -74,17 +76,28 @@ class Connections:
         return connection
 
     async def grant(self, tenant_id: str, run_id: str) -> Grant:
-        """What `run_id` may be issued now. NotFound / NotActive when nothing may be issued."""
-        connection = await self.get(tenant_id)
+        """What `run_id` may be issued now. NotFound / NotActive when nothing may be issued.
+        While the store cannot be reached, the tenant's last grant read here stands in (nobody
+        can disconnect meanwhile: that needs the store too)."""
+        try:
+            connection = await self.get(tenant_id)
+        except StoreUnavailable:
+            known = self._last_grants.get(tenant_id)
+            if known is None:
+                raise
+            return replace(known, run_id=run_id)
         if connection.status is not Status.ACTIVE:
+            self._last_grants.pop(tenant_id, None)
             raise NotActive(
                 f"the connection of tenant {tenant_id!r} is {connection.status.value}, not ACTIVE: "
                 + guidance(connection, self.settings.session_duration),
                 subject=tenant_id,
             )
-        return Grant(
+        grant = Grant(
             tenant_id, run_id, connection.role_arn, connection.external_id, connection.region
         )
+        self._last_grants[tenant_id] = grant
+        return grant
 
     async def create(self, tenant_id: str, region: str) -> Connection:
         """A PENDING connection: the existing one (same external ID), or a new one."""

@@ -25,6 +25,7 @@ from broker.errors import BrokerError, ShuttingDown, StreamEnded
 from broker.service import CredentialBrokerService
 from broker.store import ConnectionStore, open_store
 from broker.streams import StreamHub
+from broker.sync import TenantSync
 from broker.v1 import broker_pb2
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class Broker:
     store: ConnectionStore
     cache: CredentialCache
     hub: StreamHub
-    _sweeper: asyncio.Task[None]
+    sync: TenantSync
+    _background: list[asyncio.Task[None]]
     _stopping: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = None) -> None:
@@ -74,9 +76,11 @@ class Broker:
         await self.health.enter_graceful_shutdown()
         self.hub.end_all(ShuttingDown("the broker is shutting down; reconnect to another replica"))
         await self.server.stop(grace)
-        self._sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._sweeper
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.aws.close()
         await self.store.close()
 
@@ -103,7 +107,11 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
             f"cannot learn the broker's AWS identity ({exc}); set BROKER_TRUSTED_PRINCIPAL_ARN "
             "or give the broker AWS credentials"
         ) from None
-    store = open_store(settings.database_url)
+    try:
+        store = await open_store(settings.database_url)
+    except BrokerError as exc:
+        await aws.close()
+        raise ConfigError(f"BROKER_DATABASE_URL: cannot open the store ({exc})") from None
     hub = StreamHub()
     cache = CredentialCache(
         StsSource(
@@ -167,7 +175,12 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    sweeper = asyncio.create_task(_sweep_forever(cache), name="cache-sweeper")
+    sync = TenantSync(store, cache, hub)
+    background = [
+        asyncio.create_task(_sweep_forever(cache), name="cache-sweeper"),
+        asyncio.create_task(store.listen(sync.on_change, sync.on_missed), name="store-listener"),
+        asyncio.create_task(sync.recheck_forever(settings.recheck_interval), name="recheck"),
+    ]
     log.info(
         "serving",
         extra={
@@ -179,7 +192,7 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
             "trusted_principal": principal,
         },
     )
-    return Broker(settings, server, port, health_servicer, aws, store, cache, hub, sweeper)
+    return Broker(settings, server, port, health_servicer, aws, store, cache, hub, sync, background)
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials:

@@ -31,6 +31,7 @@ class Subscription:
 
     def __init__(self, key: Key) -> None:
         self.key = key
+        self.grant: Grant | None = None  # what the stream's credentials were issued under
         self.ended: BrokerError | None = None
         self._wake = asyncio.Event()
 
@@ -92,6 +93,12 @@ class StreamHub:
         for subscription in self._matching(tenant_id):
             subscription.end(error)
 
+    def tenants(self) -> list[str]:
+        return list({key[0] for key in self._streams})
+
+    def grants_of(self, tenant_id: str) -> list[Grant]:
+        return [s.grant for s in self._matching(tenant_id) if s.grant is not None]
+
     def wake_tenant(self, tenant_id: str) -> None:
         """Make the tenant's streams fetch again now (its role changed)."""
         for subscription in self._matching(tenant_id):
@@ -119,6 +126,7 @@ async def watch(
     (UNAVAILABLE) only once those have expired."""
     rng = rng or random.Random()  # noqa: S311 - jitter, not security
     held = await cache.get(grant)
+    subscription.grant = grant
     yield held
     backoff = RETRY_BACKOFF_START
     delay = _renewal_delay(held, refresh_margin, clock(), rng)
@@ -136,6 +144,7 @@ async def watch(
             log.warning("renewal failed transiently; retrying", extra={"retry_in": delay})
             continue
         backoff = RETRY_BACKOFF_START
+        subscription.grant = grant
         if fresh.access_key_id != held.access_key_id:
             held = fresh
             yield held

@@ -7,17 +7,18 @@ never blocks on the file and writes are serialised.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
-from broker.models import Check, Connection, Status
+from broker.models import Connection
 from broker.store import StoreConflict
+from broker.store.rows import COLUMNS, from_row, to_row
 
 T = TypeVar("T")
 
@@ -45,11 +46,6 @@ MIGRATIONS = (
     """,
 )
 
-COLUMNS = (
-    "tenant_id, status, external_id, region, role_arn, account_id, "
-    "created_at, verified_at, disconnected_at, checks, version"
-)
-
 
 class SqliteStore:
     """Connections in a SQLite file. `_db` is touched only from the `_worker` thread."""
@@ -65,11 +61,15 @@ class SqliteStore:
 
     async def get(self, tenant_id: str) -> Connection | None:
         row = await self._run(_select, tenant_id)
-        return None if row is None else _from_row(row)
+        return None if row is None else from_row(row, datetime.fromisoformat)
 
     async def save(self, connection: Connection, *, new_external_id: bool) -> Connection:
         saved: Connection = await self._run(_save, connection, new_external_id)
         return saved
+
+    async def listen(self, on_change: Callable[[str], None], on_missed: Callable[[], None]) -> None:
+        """One SQLite file serves one replica: nobody else changes it, nothing to hear."""
+        await asyncio.Event().wait()
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())
@@ -127,58 +127,13 @@ def _save(db: sqlite3.Connection, connection: Connection, new_external_id: bool)
             try:
                 db.execute(
                     "INSERT INTO used_external_ids VALUES (?, ?, ?)",
-                    (connection.external_id, connection.tenant_id, _text(datetime.now(UTC))),
+                    (connection.external_id, connection.tenant_id, datetime.now(UTC).isoformat()),
                 )
             except sqlite3.IntegrityError:
                 raise StoreConflict(connection.tenant_id) from None
         db.execute(
             f"INSERT OR REPLACE INTO connections ({COLUMNS}) "  # noqa: S608 - constant columns
             "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            _to_row(saved),
+            to_row(saved, datetime.isoformat),
         )
     return saved
-
-
-def _text(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
-
-
-def _time(text: str | None) -> datetime | None:
-    return None if text is None else datetime.fromisoformat(text)
-
-
-def _to_row(c: Connection) -> tuple[Any, ...]:
-    checks = json.dumps([[k.name, k.passed, k.detail] for k in c.checks])
-    return (
-        c.tenant_id,
-        c.status.value,
-        c.external_id,
-        c.region,
-        c.role_arn,
-        c.account_id,
-        _text(c.created_at),
-        _text(c.verified_at),
-        _text(c.disconnected_at),
-        checks,
-        c.version,
-    )
-
-
-def _from_row(row: tuple[Any, ...]) -> Connection:
-    created_at = _time(row[6])
-    assert created_at is not None
-    return Connection(
-        tenant_id=row[0],
-        status=Status(row[1]),
-        external_id=row[2],
-        region=row[3],
-        role_arn=row[4],
-        account_id=row[5],
-        created_at=created_at,
-        verified_at=_time(row[7]),
-        disconnected_at=_time(row[8]),
-        checks=tuple(
-            Check(name, bool(passed), detail) for name, passed, detail in json.loads(row[9])
-        ),
-        version=row[10],
-    )
