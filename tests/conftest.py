@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import re
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 
@@ -71,12 +75,77 @@ def tenant() -> str:
     return f"tenant-{next(_tenants)}"
 
 
+POSTGRES_URL = os.environ.get(
+    "BROKER_TEST_POSTGRES_URL", "postgresql://broker_test:broker_test@127.0.0.1:5432/postgres"
+)
+# In CI a skipped PostgreSQL test is a failure: the suite must have run on both stores.
+REQUIRE_POSTGRES = os.environ.get("BROKER_TEST_REQUIRE_POSTGRES") == "1"
+POSTGRES_STATE: dict[str, str] = {}
+
+
+async def _postgres_reachable() -> str | None:
+    """None when the test PostgreSQL answers, else why not."""
+    if "problem" not in POSTGRES_STATE:
+        try:
+            connection = await asyncpg.connect(POSTGRES_URL, timeout=3)
+            await connection.close()
+            POSTGRES_STATE["problem"] = ""
+        except Exception as exc:
+            POSTGRES_STATE["problem"] = f"{type(exc).__name__}: {exc}"
+    return POSTGRES_STATE["problem"] or None
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """Each test that stores connections runs on SQLite and on PostgreSQL (a fresh database)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'broker.db'}"
+        return
+    problem = await _postgres_reachable()
+    if problem:
+        message = f"PostgreSQL not reachable at {redact_url(POSTGRES_URL)} ({problem})"
+        if REQUIRE_POSTGRES:
+            pytest.fail(message)
+        POSTGRES_STATE["skipped"] = message
+        pytest.skip(message + "; run scripts/postgres-for-tests.sh to test it")
+    name = f"broker_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(POSTGRES_URL)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def redact_url(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+
+
+async def stored_bytes(database_url: str) -> bytes:
+    """Everything the store holds, as bytes to search: the SQLite files, or every PostgreSQL row."""
+    if database_url.startswith("sqlite:///"):
+        path = Path(database_url.removeprefix("sqlite:///"))
+        return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+    connection = await asyncpg.connect(database_url)
+    try:
+        tables = await connection.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+        )
+        rows = []
+        for table in tables:
+            rows += await connection.fetch(f'SELECT * FROM "{table["tablename"]}"')
+    finally:
+        await connection.close()
+    return repr([tuple(r) for r in rows]).encode()
+
+
 @dataclass
 class Running:
     broker: server.Broker
     stub: broker_pb2_grpc.CredentialBrokerStub
     channel: grpc.aio.Channel
-    db_path: Path
+    database_url: str
 
     @property
     def address(self) -> str:
@@ -85,12 +154,12 @@ class Running:
 
 @pytest.fixture
 def broker_settings(
-    local_aws: LocalAws, broker_identity: Identity, template_url: str, tmp_path: Path
+    local_aws: LocalAws, broker_identity: Identity, template_url: str, database_url: str
 ) -> dict[str, Any]:
-    """Overrides for the broker under test; a test may change them before `running` starts."""
+    """Overrides for the broker under test (on each store in turn)."""
     return {
         "listen": "127.0.0.1:0",
-        "database_url": f"sqlite:///{tmp_path / 'broker.db'}",
+        "database_url": database_url,
         "aws_endpoint_url": local_aws.endpoint_url,
         "template_url": template_url,
         "verify_wait": 1.0,
@@ -111,7 +180,7 @@ async def start_broker(overrides: dict[str, Any], identity: Identity) -> AsyncIt
             broker,
             broker_pb2_grpc.CredentialBrokerStub(channel),
             channel,
-            Path(settings.database_url.removeprefix("sqlite:///")),
+            settings.database_url,
         )
     finally:
         await channel.close()
@@ -138,8 +207,14 @@ async def connect(running: Running, local_aws: LocalAws, tenant_id: str) -> pb.C
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Report how many hostile inputs the run sent (tests/test_hostile_input.py)."""
+    """Say whether the PostgreSQL half ran, and how many hostile inputs the run sent."""
     from tests import test_hostile_input
 
+    if "skipped" in POSTGRES_STATE:
+        terminalreporter.write_line(
+            f"PostgreSQL tests SKIPPED: {POSTGRES_STATE['skipped']}", yellow=True, bold=True
+        )
+    elif POSTGRES_STATE.get("problem") == "":
+        terminalreporter.write_line(f"PostgreSQL tests ran against {redact_url(POSTGRES_URL)}")
     if test_hostile_input.TRIED:
         terminalreporter.write_line(test_hostile_input.report())

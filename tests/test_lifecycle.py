@@ -77,10 +77,10 @@ async def test_reverify_of_an_active_connection_keeps_credentials(
 async def test_connections_survive_a_restart(
     running: Running, local_aws: LocalAws, tenant: str
 ) -> None:
-    from broker.store.sqlite import SqliteStore
+    from broker.store import open_store
 
     connection = await connect(running, local_aws, tenant)
-    store = SqliteStore(str(running.db_path))
+    store = await open_store(running.database_url)
     try:
         stored = await store.get(tenant)
     finally:

@@ -14,7 +14,7 @@ from broker.emulator import LocalAws
 from broker.logs import FieldsFormatter
 from broker.models import Credentials
 from broker.v1 import broker_pb2 as pb
-from tests.conftest import Running, connect
+from tests.conftest import Running, connect, stored_bytes
 
 
 @pytest.fixture
@@ -60,9 +60,8 @@ async def test_secrets_stay_out_of_logs_errors_and_storage(
     logged = debug_log.getvalue()
     assert "method=IssueCredentials" in logged, "the log was captured"
     assert "DEBUG" in logged
-    database = running.db_path.read_bytes() + b"".join(
-        p.read_bytes() for p in running.db_path.parent.glob(running.db_path.name + "-*")
-    )
+    database = await stored_bytes(running.database_url)
+    assert tenant.encode() in database, "the store's contents were read"
     for credentials in issued:
         for secret in (credentials.secret_access_key, credentials.session_token):
             assert secret

@@ -109,12 +109,25 @@ class PostgresStore:
 
     async def save(self, connection: Connection, *, new_external_id: bool) -> Connection:
         saved = replace(connection, version=connection.version + 1)
+        columns = COLUMNS.split(", ")
         async with self._connection() as db, db.transaction():
-            stored = await db.fetchval(
-                "SELECT version FROM connections WHERE tenant_id = $1 FOR UPDATE",
-                connection.tenant_id,
-            )
-            if (stored or 0) != connection.version:
+            # The write itself checks the version, so two writers can never both succeed.
+            if connection.version == 0:
+                written = await db.execute(
+                    f"INSERT INTO connections ({COLUMNS}) "  # noqa: S608 - constant columns
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
+                    "ON CONFLICT (tenant_id) DO NOTHING",
+                    *to_row(saved),
+                )
+            else:
+                written = await db.execute(
+                    "UPDATE connections SET "  # noqa: S608 - constant columns
+                    + ", ".join(f"{c} = ${i}" for i, c in enumerate(columns[1:], start=2))
+                    + f" WHERE tenant_id = $1 AND version = ${len(columns) + 1}",
+                    *to_row(saved),
+                    connection.version,
+                )
+            if written.endswith(" 0"):
                 raise StoreConflict(connection.tenant_id)
             if new_external_id:
                 inserted = await db.fetchval(
@@ -126,13 +139,6 @@ class PostgresStore:
                 )
                 if inserted is None:
                     raise StoreConflict(connection.tenant_id)
-            await db.execute(
-                f"INSERT INTO connections ({COLUMNS}) "  # noqa: S608 - constant columns
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
-                "ON CONFLICT (tenant_id) DO UPDATE SET "
-                + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS.split(", ")[1:]),
-                *to_row(saved),
-            )
             await db.execute("SELECT pg_notify($1, $2)", CHANNEL, connection.tenant_id)
         return saved
 
