@@ -101,6 +101,21 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'broker.db'}"
         return
+    async with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database, for tests that need PostgreSQL itself (replicas)."""
+    async with fresh_postgres_database() as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def fresh_postgres_database() -> AsyncIterator[str]:
+    """A new, empty database on the test PostgreSQL, dropped after; a skip (a failure in CI)
+    when there is no PostgreSQL."""
     problem = await _postgres_reachable()
     if problem:
         message = f"PostgreSQL not reachable at {redact_url(POSTGRES_URL)} ({problem})"

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from broker.template import template_body
+from tests.processes import BIN, BrokerProcess
 
-BIN = Path(sys.executable).parent
 GRPCURL = str(BIN / "grpcurl")
 SERVICE = "broker.v1.CredentialBroker"
 
@@ -28,7 +25,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-class Dev:
+class Dev(BrokerProcess):
     """`broker dev` in a subprocess, with what it printed so far."""
 
     def __init__(self, tmp_path: Path) -> None:
@@ -37,24 +34,10 @@ class Dev:
             "BROKER_DATABASE_URL": f"sqlite:///{tmp_path / 'dev.db'}",
             "BROKER_LOG_LEVEL": "DEBUG",
         }
-        self.log = tmp_path / "dev.log"
-        self._out = self.log.open("w")
-        self.process = subprocess.Popen(
-            [str(BIN / "broker"), "dev", "--aws-port", "0"],
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        deadline = time.monotonic() + 30
-        while "=====\n" not in self.text().partition("DEVELOPMENT MODE")[2]:
-            assert self.process.poll() is None, self.text()
-            assert time.monotonic() < deadline, self.text()
-            time.sleep(0.1)
-        self.address = re.search(r"loopback\): +(\S+)", self.text())[1]  # type: ignore[index]
-        self.aws = re.search(r"LOCAL EMULATOR.* at (http://\S+)", self.text())[1]  # type: ignore[index]
-
-    def text(self) -> str:
-        return self.log.read_text()
+        super().__init__(["dev", "--aws-port", "0"], env, tmp_path / "dev.log")
+        self.wait_for(r"DEVELOPMENT MODE[^=]*=====+\n")
+        self.address = self.wait_for(r"loopback\): +(\S+)")[1]
+        self.aws = self.wait_for(r"LOCAL EMULATOR.* at (http://\S+)")[1]
 
     def grpcurl(self, method: str, body: dict[str, str] | None = None) -> dict[str, object]:
         args = [GRPCURL, "-plaintext"]
@@ -65,21 +48,11 @@ class Dev:
         parsed: dict[str, object] = json.loads(done.stdout)
         return parsed
 
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=30)
-
-    def close(self) -> None:
-        self._out.close()
-
 
 @pytest.fixture
 def dev(tmp_path: Path) -> Iterator[Dev]:
     started = Dev(tmp_path)
     yield started
-    if started.process.poll() is None:
-        started.process.kill()
-        started.process.wait()
     started.close()
 
 

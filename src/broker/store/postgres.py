@@ -25,10 +25,12 @@ from broker.store.rows import COLUMNS, from_row, to_row
 log = logging.getLogger(__name__)
 
 CHANNEL = "broker_connections"
+LISTENER_NAME = "credential-broker-listener"  # application_name, to tell it apart
 MIGRATION_LOCK = 0x62726F6B  # pg_advisory_xact_lock key: one replica migrates at a time
 CONNECT_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 5.0
 RELISTEN_BACKOFF_MAX = 10.0
+LISTENER_PING_INTERVAL = 5.0
 
 # Applied in order, each once; broker_schema records how many have run.
 MIGRATIONS = (
@@ -89,6 +91,7 @@ class PostgresStore:
                 max_size=10,
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
+                server_settings={"application_name": "credential-broker"},
             )
             await migrate(pool)
         return cls(url, pool)
@@ -143,37 +146,47 @@ class PostgresStore:
         return saved
 
     async def listen(self, on_change: Callable[[str], None], on_missed: Callable[[], None]) -> None:
-        backoff = 0.5
         first = True
+        backoff = 0.5
         while True:
             try:
-                listener = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT)
-            except UNREACHABLE as exc:
-                log.warning("cannot listen for changes; retrying", extra={"error": repr(exc)})
+                await self._listen_once(on_change, on_missed if not first else lambda: None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # whatever it was, the listener must come back
+                log.warning(
+                    "not listening for changes; retrying",
+                    extra={"error": type(exc).__name__, "retry_in": backoff},
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RELISTEN_BACKOFF_MAX)
-                continue
-            lost = asyncio.Event()
-            listener.add_termination_listener(lambda _, lost=lost: lost.set())
-            try:
-                await listener.add_listener(CHANNEL, lambda *args: on_change(args[3]))
-                if not first:
-                    log.info("listening for changes again; re-checking every tenant")
-                    on_missed()
-                first, backoff = False, 0.5
-                while not lost.is_set():  # a dropped socket is noticed by the next query
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), timeout=5.0)
-                    if not lost.is_set():
-                        try:
-                            await listener.execute("SELECT 1", timeout=CONNECT_TIMEOUT)
-                        except UNREACHABLE:
-                            lost.set()
-                log.warning("lost the listening connection; reconnecting")
-            except UNREACHABLE:
-                log.warning("lost the listening connection; reconnecting")
-            finally:
-                listener.terminate()
+            else:
+                backoff = 0.5
+            first = False
+
+    async def _listen_once(
+        self, on_change: Callable[[str], None], on_listening: Callable[[], None]
+    ) -> None:
+        """Listen on one connection until it is lost (returns) or cannot be made (raises)."""
+        listener = await asyncpg.connect(
+            self._url,
+            timeout=CONNECT_TIMEOUT,
+            server_settings={"application_name": LISTENER_NAME},
+        )
+        lost = asyncio.Event()
+        listener.add_termination_listener(lambda _: lost.set())
+        try:
+            await listener.add_listener(CHANNEL, lambda *args: on_change(args[3]))
+            log.info("listening for changes")
+            on_listening()
+            while not lost.is_set():  # a dropped socket is noticed by the next query
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), timeout=LISTENER_PING_INTERVAL)
+                if not lost.is_set():
+                    await listener.execute("SELECT 1", timeout=CONNECT_TIMEOUT)
+        finally:
+            listener.terminate()
+        log.warning("lost the listening connection; reconnecting")
 
     async def close(self) -> None:
         await self._pool.close()
