@@ -23,13 +23,6 @@ from tests.processes import BrokerProcess
 RECHECK_INTERVAL = 2.0
 
 
-@pytest.fixture
-def postgres_url(database_url: str) -> str:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("replicas share PostgreSQL; SQLite serves one replica")
-    return database_url
-
-
 class Replica(BrokerProcess):
     def __init__(self, name: str, env: dict[str, str], folder: Path) -> None:
         super().__init__(["serve"], env, folder / f"{name}.log")
