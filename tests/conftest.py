@@ -125,12 +125,18 @@ async def fresh_postgres_database() -> AsyncIterator[str]:
         pytest.skip(message + "; run scripts/postgres-for-tests.sh to test it")
     name = f"broker_test_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(POSTGRES_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
     try:
         yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
     finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
+        admin = await asyncpg.connect(POSTGRES_URL)  # anew: a test may have restarted the server
+        try:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 def redact_url(url: str) -> str:
@@ -168,10 +174,13 @@ class Running:
 
 
 @pytest.fixture
-def broker_settings(
-    local_aws: LocalAws, broker_identity: Identity, template_url: str, database_url: str
-) -> dict[str, Any]:
+def broker_settings(local_aws: LocalAws, template_url: str, database_url: str) -> dict[str, Any]:
     """Overrides for the broker under test (on each store in turn)."""
+    return settings_for(database_url, local_aws, template_url)
+
+
+def settings_for(database_url: str, local_aws: LocalAws, template_url: str) -> dict[str, Any]:
+    """Overrides for a broker on `database_url` against the local emulator."""
     return {
         "listen": "127.0.0.1:0",
         "database_url": database_url,
