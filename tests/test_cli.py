@@ -141,3 +141,12 @@ def test_template_command_prints_the_customer_template() -> None:
     assert done.returncode == 0
     assert done.stdout == template_body()
     assert "sts:ExternalId" in done.stdout
+
+
+def test_migrate_brings_the_schema_up_to_date(tmp_path: Path) -> None:
+    env = os.environ | {"BROKER_DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}"}
+    first = run(str(BIN / "broker"), "migrate", env=env)
+    again = run(str(BIN / "broker"), "migrate", env=env)
+    assert first.returncode == again.returncode == 0, first.stderr
+    assert "schema up to date" in again.stdout
+    assert (tmp_path / "m.db").exists()

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.emulator import Identity, LocalAws
 from broker.v1 import broker_pb2 as pb
+from broker.v1 import broker_pb2_grpc as pb_grpc
 from tests.conftest import Running, connect, start_broker
 
 LIFETIME = 3.0  # seconds the emulator's credentials live in these tests
@@ -121,3 +122,30 @@ async def test_every_call_is_one_log_line_with_its_code(
     watch_line = next(r for r in caplog.records if getattr(r, "method", "") == "WatchCredentials")
     assert watch_line.messages == 1  # type: ignore[attr-defined]
     assert watch_line.tenant == tenant  # type: ignore[attr-defined]
+
+
+async def test_health_alone_on_a_plaintext_port_for_probes(
+    broker_settings: dict[str, Any], broker_identity: Identity
+) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = broker_settings | {"health_listen": f"127.0.0.1:{port}"}
+    async with (
+        start_broker(settings, broker_identity) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        broker_stub = pb_grpc.CredentialBrokerStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as only_health:
+            await broker_stub.GetConnection(pb.GetConnectionRequest(tenant_id="acme"))
+        assert only_health.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        watching = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert (await watching.read()).status == health_pb2.HealthCheckResponse.SERVING
+        stopping = asyncio.create_task(running.broker.stop(grace=1))
+        assert (await watching.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await stopping

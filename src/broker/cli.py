@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("quick_create_url")
     stack.add_argument("--aws-endpoint", default="http://127.0.0.1:5000")
     commands.add_parser("template", help="print the customer's CloudFormation template")
+    commands.add_parser(
+        "migrate",
+        help="bring the store's schema (BROKER_DATABASE_URL) up to date; `serve` does it too",
+    )
     token = commands.add_parser(
         "token", help="make a bearer token for a caller, and the hash the broker is configured with"
     )
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             _dev(args.aws_port)
         elif args.command == "dev-stack":
             _dev_stack(args.quick_create_url, args.aws_endpoint)
+        elif args.command == "migrate":
+            asyncio.run(_migrate())
         elif args.command == "token":
             secret = new_token()
             print(f"token (give it to {args.identity} only; it is not stored): {secret}")
@@ -82,6 +88,15 @@ def _serve() -> None:
     settings = load_settings()
     logs.configure(settings.log_level)
     asyncio.run(serve(settings))
+
+
+async def _migrate() -> None:
+    from broker.store import open_store
+
+    settings = load_settings()
+    store = await open_store(settings.database_url)  # opening migrates, under a lock
+    await store.close()
+    print("schema up to date")
 
 
 def _dev(aws_port: int) -> None:

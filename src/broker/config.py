@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     policy_file: FilePath | None = Field(
         None, description="The same policy as a TOML file of [[caller]] identity/rpcs/tenants."
     )
+    health_listen: str | None = Field(
+        None,
+        description="Also serve grpc.health.v1 alone, in plaintext, on this host:port: for "
+        "Kubernetes gRPC probes, which cannot present TLS client certificates.",
+    )
     max_call_seconds: float = Field(
         DEFAULT_MAX_CALL_SECONDS,
         gt=0,
@@ -132,10 +137,11 @@ class Settings(BaseSettings):
         description="Longest a unary call without a deadline may run (streams are exempt).",
     )
 
-    @field_validator("listen")
+    @field_validator("listen", "health_listen")
     @classmethod
-    def _check_listen(cls, value: str) -> str:
-        split_host_port(value)
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_host_port(value)
         return value
 
     @field_validator("token_hashes", mode="before")

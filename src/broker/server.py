@@ -62,6 +62,7 @@ class Broker:
     hub: StreamHub
     sync: TenantSync
     _background: list[asyncio.Task[None]]
+    health_server: grpc.aio.Server | None = None
     _stopping: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = None) -> None:
@@ -76,6 +77,8 @@ class Broker:
         await self.health.enter_graceful_shutdown()
         self.hub.end_all(ShuttingDown("the broker is shutting down; reconnect to another replica"))
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         for task in self._background:
             task.cancel()
         for task in self._background:
@@ -192,7 +195,22 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
             "trusted_principal": principal,
         },
     )
-    return Broker(settings, server, port, health_servicer, aws, store, cache, hub, sync, background)
+    broker = Broker(
+        settings, server, port, health_servicer, aws, store, cache, hub, sync, background
+    )
+    if settings.health_listen is not None:
+        broker.health_server = await _health_only(settings.health_listen, health_servicer)
+    return broker
+
+
+async def _health_only(listen: str, servicer: health.aio.HealthServicer) -> grpc.aio.Server:
+    """grpc.health.v1 alone, in plaintext: what a kubelet's gRPC probe can reach."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    if server.add_insecure_port(listen) == 0:
+        raise ConfigError(f"BROKER_HEALTH_LISTEN={listen}: cannot listen there")
+    await server.start()
+    return server
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials:
