@@ -26,13 +26,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest
 
-## lint: ruff, mypy, buf lint, cfn-lint
+## lint: ruff, mypy, buf lint, cfn-lint, hadolint
 lint: $(STAMP) node_modules/.bin/buf
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 	node_modules/.bin/buf lint
 	$(BIN)/cfn-lint deploy/cloudformation/customer-role.yaml
+	$(BIN)/hadolint deploy/Dockerfile
 
 ## proto: regenerate src/broker/v1 from the contract (checked in; tests/test_proto_fresh.py fails on drift)
 proto: $(STAMP)
