@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO := proto/broker/v1/broker.proto
 
-.PHONY: run test lint proto bench clean
+.PHONY: run test lint proto bench reliability clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ run: $(STAMP)
 ## test: the whole test suite (unit and end to end against the local AWS emulator)
 test: $(STAMP)
 	$(BIN)/pytest
+
+## reliability: the fault-injection scenarios alone; the table goes to docs/reliability.md
+reliability: $(STAMP)
+	BROKER_RELIABILITY_REPORT=docs/reliability.md $(BIN)/pytest -q tests/test_reliability.py
 
 ## lint: ruff, mypy, buf lint, cfn-lint, hadolint
 lint: $(STAMP) node_modules/.bin/buf

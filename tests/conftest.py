@@ -232,7 +232,7 @@ async def connect(running: Running, local_aws: LocalAws, tenant_id: str) -> pb.C
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Say whether the PostgreSQL half ran, and how many hostile inputs the run sent."""
-    from tests import test_hostile_input
+    from tests import reliability, test_hostile_input
 
     if "skipped" in POSTGRES_STATE:
         terminalreporter.write_line(
@@ -242,3 +242,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"PostgreSQL tests ran against {redact_url(POSTGRES_URL)}")
     if test_hostile_input.TRIED:
         terminalreporter.write_line(test_hostile_input.report())
+    if reliability.ROWS:
+        terminalreporter.write_line("reliability report:")
+        terminalreporter.write_line(reliability.table())
+        reliability.write_if_asked()

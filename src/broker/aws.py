@@ -3,6 +3,7 @@ botocore's errors become domain errors (errors.py), each marked transient or per
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -76,6 +77,7 @@ class AwsClient:
         region: str,
         endpoint_url: str | None = None,
         static_credentials: tuple[str, str] | None = None,
+        max_concurrency: int = 32,
     ) -> None:
         self._region = region
         self._endpoint_url = endpoint_url
@@ -85,6 +87,9 @@ class AwsClient:
         if static_credentials is not None:
             self._session.set_credentials(*static_credentials)
         self._stack = contextlib.AsyncExitStack()
+        # At most this many AssumeRole calls at once: a burst of new runs, or renewals resuming
+        # after an outage, queues here instead of hammering STS.
+        self._sts_slots = asyncio.Semaphore(max_concurrency)
         self._sts: STSClient | None = None
 
     async def start(self) -> None:
@@ -125,8 +130,9 @@ class AwsClient:
             params["SourceIdentity"] = request.source_identity
         if request.tags:
             params["Tags"] = [{"Key": k, "Value": v} for k, v in request.tags.items()]
-        with translate_errors("sts:AssumeRole", request.role_arn):
-            answer = await self.sts.assume_role(**params)
+        async with self._sts_slots:
+            with translate_errors("sts:AssumeRole", request.role_arn):
+                answer = await self.sts.assume_role(**params)
         issued = answer["Credentials"]
         return Credentials(
             access_key_id=issued["AccessKeyId"],

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from broker.errors import RoleNotAssumable, TransientAwsError
 from broker.models import Credentials, Grant
 
 Key = tuple[str, str]
+MAX_RETRY_PAUSE = 30.0  # seconds, between renewal attempts of one run while STS fails
 
 
 def refresh_point(credentials: Credentials, margin: float) -> float:
@@ -35,6 +37,8 @@ class _Entry:
     grant: Grant
     credentials: Credentials
     refresh_at: float
+    failures: int = 0  # transient renewal failures in a row
+    retry_at: float = 0.0  # no renewal is tried before this, after a transient failure
 
 
 @dataclass
@@ -53,6 +57,7 @@ class CredentialCache:
       `evict_tenant`, `sweep` and the size bound remove.
     - `_by_tenant`: tenant → its run ids in `_entries`, so a tenant is evicted without a scan.
     - `_inflight`: grant → the one STS call under way for it (single flight).
+    - `_waiting`: grant → how many callers await that call; the last to leave cancels it.
     - `_epoch`: tenant → a counter `evict_tenant` bumps; a call that started under an older epoch
       does not store its result.
     """
@@ -65,15 +70,18 @@ class CredentialCache:
         max_entries: int,
         stale_floor: float = 5.0,
         clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
     ) -> None:
         self._source = source
         self._margin = refresh_margin
         self._max_entries = max_entries
         self._stale_floor = stale_floor
         self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
         self._by_tenant: dict[str, set[str]] = {}
         self._inflight: dict[Grant, asyncio.Task[Credentials]] = {}
+        self._waiting: dict[Grant, int] = {}
         self._epoch: dict[str, int] = {}
         self.stats = CacheStats()
 
@@ -95,29 +103,55 @@ class CredentialCache:
             self._entries.move_to_end(grant.key)
             self.stats.hits += 1
             return entry.credentials
+        if entry is not None and now < entry.retry_at:
+            # STS failed for this run moments ago: do not ask it again yet.
+            return self._stale(entry, newer_than, TransientAwsError("STS is failing; retry"))
         self.stats.misses += 1
         try:
             return await self._fetch(grant)
-        except TransientAwsError:
-            if entry is not None and entry.credentials.expiration.timestamp() - now > (
-                self._stale_floor
-            ):
-                self.stats.stale_served += 1
-                return entry.credentials
-            raise
+        except TransientAwsError as failure:
+            if entry is None:
+                raise
+            entry.failures += 1
+            pause = min(2.0 ** (entry.failures - 1), MAX_RETRY_PAUSE)
+            entry.retry_at = self._clock() + pause * self._rng.uniform(0.5, 1.0)
+            return self._stale(entry, newer_than, failure)
 
-    def _fetch(self, grant: Grant) -> asyncio.Future[Credentials]:
+    def _stale(
+        self, entry: _Entry, newer_than: str | None, failure: TransientAwsError
+    ) -> Credentials:
+        """Stale-while-error: still-valid credentials beat none (not ones about to expire), for
+        a caller that has none; one that wants newer ones (a stream) gets the failure."""
+        floor = min(self._stale_floor, entry.credentials.lifetime / 10)
+        valid_for = entry.credentials.expiration.timestamp() - self._clock()
+        if newer_than is None and valid_for > floor:
+            self.stats.stale_served += 1
+            return entry.credentials
+        raise failure
+
+    async def _fetch(self, grant: Grant) -> Credentials:
         task = self._inflight.get(grant)
         if task is None:
             epoch = self._epoch.get(grant.tenant_id, 0)
             task = asyncio.create_task(self._source.get(grant), name=f"sts:{grant.tenant_id}")
             self._inflight[grant] = task
             task.add_done_callback(lambda done: self._settle(grant, epoch, done))
-        # Shielded: a caller that gives up does not cancel the call the others wait on.
-        return asyncio.shield(task)
+        self._waiting[grant] = self._waiting.get(grant, 0) + 1
+        try:
+            # Shielded: a caller that gives up does not cancel the call the others wait on…
+            return await asyncio.shield(task)
+        finally:
+            left = self._waiting.pop(grant) - 1
+            if left:
+                self._waiting[grant] = left
+            elif not task.done():
+                # … but when every caller has given up (deadlines, cancelled streams), the STS
+                # call is abandoned too, instead of running on for nobody.
+                task.cancel()
 
     def _settle(self, grant: Grant, epoch: int, task: asyncio.Task[Credentials]) -> None:
-        del self._inflight[grant]
+        if self._inflight.get(grant) is task:
+            del self._inflight[grant]
         if task.cancelled():
             return
         error = task.exception()
@@ -146,6 +180,11 @@ class CredentialCache:
             runs.discard(key[1])
             if not runs:
                 del self._by_tenant[key[0]]
+
+    @property
+    def in_flight(self) -> int:
+        """STS calls under way."""
+        return len(self._inflight)
 
     def tenants(self) -> list[str]:
         return list(self._by_tenant)

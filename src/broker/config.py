@@ -28,6 +28,7 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_MAX_PENDING_REQUESTS = 20_000
 DEFAULT_MAX_CALL_SECONDS = 60.0
 DEFAULT_RECHECK_INTERVAL = 30.0
+DEFAULT_STS_MAX_CONCURRENCY = 32
 
 
 class Settings(BaseSettings):
@@ -84,6 +85,13 @@ class Settings(BaseSettings):
         (),
         description="Comma-separated managed policy ARNs applied to every session. Default: "
         "arn:<partition>:iam::aws:policy/ReadOnlyAccess.",
+    )
+    sts_max_concurrency: int = Field(
+        DEFAULT_STS_MAX_CONCURRENCY,
+        ge=1,
+        le=1000,
+        description="Most sts:AssumeRole calls in flight at once (bursts of new runs, renewals "
+        "resuming after an outage).",
     )
     verify_wait: float = Field(
         DEFAULT_VERIFY_WAIT,

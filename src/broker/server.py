@@ -100,6 +100,7 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
         region=settings.aws_region,
         endpoint_url=settings.aws_endpoint_url,
         static_credentials=static_credentials,
+        max_concurrency=settings.sts_max_concurrency,
     )
     await aws.start()
     try:

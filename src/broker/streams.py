@@ -139,7 +139,8 @@ async def watch(
             remaining = held.expiration.timestamp() - clock()
             if remaining <= 0:
                 raise Unavailable("STS is unavailable and this run's credentials expired") from None
-            delay = min(backoff, remaining)
+            # Full jitter: streams that failed together do not all retry together.
+            delay = min(rng.uniform(0, backoff), remaining)
             backoff = min(backoff * 2, RETRY_BACKOFF_MAX)
             log.warning("renewal failed transiently; retrying", extra={"retry_in": delay})
             continue

@@ -1,0 +1,154 @@
+"""`broker serve | dev | dev-stack | template`: flags and environment in, a running broker out."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+
+from broker import logs
+from broker.auth import hash_token, new_token
+from broker.config import ConfigError, describe_settings, load_settings
+from broker.template import template_body
+
+DEV_BANNER = """\
+================================================================================
+ credential broker: DEVELOPMENT MODE
+ AWS here is a LOCAL EMULATOR (moto, with trust policies enforced) at {aws}
+ Nothing reaches real AWS. Every account, role and credential is fake.
+
+ broker (gRPC, plaintext, loopback): {listen}
+ connections database:               {database}
+ broker's identity (emulated):       {principal}
+
+ Walk the flow with grpcurl (see README):
+   grpcurl -plaintext -d '{{"tenant_id":"acme"}}' {listen} \\
+       broker.v1.CredentialBroker/CreateConnection
+   broker dev-stack '<quick_create_url>'     # creates the customer's stack in the emulator
+================================================================================"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="broker", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "serve",
+        help="run the broker (configured by BROKER_* variables)",
+        description="Run the gRPC broker until SIGTERM/SIGINT. Configuration (environment):\n\n"
+        + describe_settings(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dev = commands.add_parser(
+        "dev", help="run the broker on embedded defaults against a local AWS emulator"
+    )
+    dev.add_argument("--aws-port", type=int, default=5000, help="emulator port (default 5000)")
+    stack = commands.add_parser(
+        "dev-stack", help="create a customer's stack in the local emulator from a quick-create link"
+    )
+    stack.add_argument("quick_create_url")
+    stack.add_argument("--aws-endpoint", default="http://127.0.0.1:5000")
+    commands.add_parser("template", help="print the customer's CloudFormation template")
+    commands.add_parser(
+        "migrate",
+        help="bring the store's schema (BROKER_DATABASE_URL) up to date; `serve` does it too",
+    )
+    token = commands.add_parser(
+        "token", help="make a bearer token for a caller, and the hash the broker is configured with"
+    )
+    token.add_argument("identity", help="the caller's name in BROKER_POLICY, e.g. launcher")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "template":
+            sys.stdout.write(template_body())
+        elif args.command == "serve":
+            _serve()
+        elif args.command == "dev":
+            _dev(args.aws_port)
+        elif args.command == "dev-stack":
+            _dev_stack(args.quick_create_url, args.aws_endpoint)
+        elif args.command == "migrate":
+            asyncio.run(_migrate())
+        elif args.command == "token":
+            secret = new_token()
+            print(f"token (give it to {args.identity} only; it is not stored): {secret}")
+            print(f"BROKER_TOKEN_HASHES entry: {args.identity}={hash_token(secret)}")
+    except ConfigError as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _serve() -> None:
+    from broker.server import serve
+
+    settings = load_settings()
+    logs.configure(settings.log_level)
+    asyncio.run(serve(settings))
+
+
+async def _migrate() -> None:
+    from broker.store import open_store
+
+    settings = load_settings()
+    store = await open_store(settings.database_url)  # opening migrates, under a lock
+    await store.close()
+    print("schema up to date")
+
+
+def _dev(aws_port: int) -> None:
+    from broker.emulator import LocalAws
+    from broker.server import Broker, serve
+
+    try:
+        aws = LocalAws(port=aws_port).start()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot start the local AWS emulator on port {aws_port}: {exc}"
+        ) from None
+    identity = aws.create_user("credential-broker")
+    overrides: dict[str, object] = {
+        "aws_endpoint_url": aws.endpoint_url,
+        "template_url": aws.publish_template(),
+        "trusted_principal_arn": identity.arn,
+    }
+    if "BROKER_DATABASE_URL" not in os.environ:
+        # The emulator forgets everything when it stops; so does the development database.
+        folder = tempfile.mkdtemp(prefix="broker-dev-")
+        overrides["database_url"] = f"sqlite:///{folder}/broker.db"
+    settings = load_settings(**overrides)
+    logs.configure(settings.log_level)
+
+    def banner(broker: Broker) -> None:
+        host = settings.listen.rpartition(":")[0]
+        print(
+            DEV_BANNER.format(
+                aws=aws.endpoint_url,
+                listen=f"{host}:{broker.port}",
+                database=settings.database_url,
+                principal=identity.arn,
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        asyncio.run(
+            serve(
+                settings,
+                static_credentials=(identity.access_key_id, identity.secret_access_key),
+                on_ready=banner,
+            )
+        )
+    finally:
+        aws.stop()
+
+
+def _dev_stack(quick_create_url: str, endpoint: str) -> None:
+    from broker.emulator import EmulatorClient
+
+    role_arn = EmulatorClient(endpoint).create_customer_stack(quick_create_url)
+    print(role_arn)

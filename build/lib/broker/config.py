@@ -1,0 +1,315 @@
+"""Settings: one frozen, validated object built from the `BROKER_*` environment at start-up.
+
+No other module reads the environment; constructors take the pieces of `Settings` they need.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, FilePath, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from broker.auth import Policy, parse_token_hashes
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_DATABASE_URL = "sqlite:///./broker.db"
+DEFAULT_REGION = "us-east-1"
+DEFAULT_SESSION_DURATION = 3600
+MIN_SESSION_DURATION = 900
+MAX_SESSION_DURATION = 43200
+DEFAULT_REFRESH_MARGIN = 1200
+DEFAULT_CACHE_MAX_ENTRIES = 100_000
+DEFAULT_VERIFY_WAIT = 30.0
+DEFAULT_SHUTDOWN_GRACE = 10.0
+DEFAULT_MAX_PENDING_REQUESTS = 20_000
+DEFAULT_MAX_CALL_SECONDS = 60.0
+DEFAULT_RECHECK_INTERVAL = 30.0
+
+
+class Settings(BaseSettings):
+    """Everything the broker can be told. Field descriptions are shown by `broker serve --help`."""
+
+    model_config = SettingsConfigDict(env_prefix="BROKER_", frozen=True, extra="ignore")
+
+    listen: str = Field(
+        DEFAULT_LISTEN,
+        description="host:port the gRPC server listens on. Any address but loopback needs "
+        "caller authentication (mTLS or tokens).",
+    )
+    database_url: str = Field(
+        DEFAULT_DATABASE_URL,
+        description="Where connections are stored (never credentials): sqlite:///PATH for one "
+        "replica, postgresql://… for several.",
+    )
+    recheck_interval: float = Field(
+        DEFAULT_RECHECK_INTERVAL,
+        gt=0,
+        description="Seconds between re-checks of every tenant held, in case a change "
+        "notification from another replica was lost.",
+    )
+    trusted_principal_arn: str | None = Field(
+        None,
+        description="The AWS principal customers' roles trust (ours). Default: the broker's own "
+        "identity from sts:GetCallerIdentity.",
+    )
+    template_url: str | None = Field(
+        None,
+        description="HTTPS (S3) URL of the customer's CloudFormation template, for the "
+        "quick-create link. Required by `broker serve`.",
+    )
+    aws_region: str = Field(DEFAULT_REGION, description="Region of the STS/IAM endpoints.")
+    aws_endpoint_url: str | None = Field(
+        None, description="Points STS and IAM at an emulator (e.g. http://127.0.0.1:5000)."
+    )
+    session_duration: int = Field(
+        DEFAULT_SESSION_DURATION,
+        ge=MIN_SESSION_DURATION,
+        le=MAX_SESSION_DURATION,
+        description="Seconds each issued credential lives (900-43200; never past the role's "
+        "maximum, and 3600 at most when the broker itself runs on an assumed role).",
+    )
+    refresh_margin: int = Field(
+        DEFAULT_REFRESH_MARGIN,
+        ge=60,
+        description="Seconds before expiry at which cached credentials are renewed.",
+    )
+    cache_max_entries: int = Field(
+        DEFAULT_CACHE_MAX_ENTRIES, ge=1, description="Most runs held in the credential cache."
+    )
+    session_policy_arns: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated managed policy ARNs applied to every session. Default: "
+        "arn:<partition>:iam::aws:policy/ReadOnlyAccess.",
+    )
+    verify_wait: float = Field(
+        DEFAULT_VERIFY_WAIT,
+        ge=0,
+        le=120,
+        description="Seconds VerifyRole keeps retrying a role that AWS does not accept yet "
+        "(IAM is eventually consistent).",
+    )
+    shutdown_grace: float = Field(
+        DEFAULT_SHUTDOWN_GRACE,
+        ge=0,
+        description="Seconds in-flight calls get to finish on SIGTERM before they are cancelled.",
+    )
+    max_pending_requests: int = Field(
+        DEFAULT_MAX_PENDING_REQUESTS,
+        ge=1,
+        description="Calls gRPC core queues before the server takes them (reconnect storms).",
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    tls_cert_file: FilePath | None = Field(
+        None, description="The server's TLS certificate chain (PEM). With TLS_KEY_FILE: TLS on."
+    )
+    tls_key_file: FilePath | None = Field(None, description="The server's TLS private key (PEM).")
+    tls_client_ca_file: FilePath | None = Field(
+        None,
+        description="CA bundle (PEM) for client certificates: mTLS, every caller must present "
+        "one. The caller's identity is its SPIFFE ID (URI SAN), else its first DNS SAN.",
+    )
+    token_hashes: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Bearer tokens, as comma-separated identity=sha256:<hex> (only hashes; "
+        "`broker token` makes a token and its hash). Needs TLS off loopback.",
+    )
+    policy: str | None = Field(
+        None,
+        description="Who may call what: 'identity=connections|credentials|all|<RPC>[,…]"
+        "[@tenant|…]; …'. Required with authentication.",
+    )
+    policy_file: FilePath | None = Field(
+        None, description="The same policy as a TOML file of [[caller]] identity/rpcs/tenants."
+    )
+    health_listen: str | None = Field(
+        None,
+        description="Also serve grpc.health.v1 alone, in plaintext, on this host:port: for "
+        "Kubernetes gRPC probes, which cannot present TLS client certificates.",
+    )
+    max_call_seconds: float = Field(
+        DEFAULT_MAX_CALL_SECONDS,
+        gt=0,
+        le=600,
+        description="Longest a unary call without a deadline may run (streams are exempt).",
+    )
+
+    @field_validator("listen", "health_listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_host_port(value)
+        return value
+
+    @field_validator("token_hashes", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("token_hashes")
+    @classmethod
+    def _check_tokens(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parse_token_hashes(value)
+        return value
+
+    @field_validator("policy")
+    @classmethod
+    def _check_policy(cls, value: str | None) -> str | None:
+        if value is not None:
+            Policy.parse(value)
+        return value
+
+    @field_validator("policy_file")
+    @classmethod
+    def _check_policy_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                Policy.from_toml(value.read_text())
+            except (KeyError, TypeError, tomllib.TOMLDecodeError) as exc:
+                raise ValueError(f"not a policy file ({exc})") from None
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("must be sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB")
+        return value
+
+    @field_validator("template_url", "aws_endpoint_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s):// URL")
+        return value
+
+    @field_validator("session_policy_arns", mode="before")
+    @classmethod
+    def _split_arns(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("session_policy_arns")
+    @classmethod
+    def _check_arns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for arn in value:
+            if not arn.startswith("arn:") or ":policy/" not in arn:
+                raise ValueError(f"{arn!r} is not a managed policy ARN")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return level
+
+    @model_validator(mode="after")
+    def _check_margin(self) -> Settings:
+        if self.refresh_margin >= self.session_duration:
+            raise ValueError(
+                f"BROKER_REFRESH_MARGIN ({self.refresh_margin}) must be less than "
+                f"BROKER_SESSION_DURATION ({self.session_duration})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_security(self) -> Settings:
+        """Secure by default: off loopback, every caller is authenticated, over TLS."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("BROKER_TLS_CERT_FILE and BROKER_TLS_KEY_FILE go together")
+        if self.tls_client_ca_file is not None and not self.tls:
+            raise ValueError("BROKER_TLS_CLIENT_CA_FILE (mTLS) needs BROKER_TLS_CERT/KEY_FILE")
+        host = split_host_port(self.listen)[0]
+        if not is_loopback(host):
+            if not self.authenticated:
+                raise ValueError(
+                    f"refusing to listen on {self.listen} without caller authentication: anyone "
+                    "who reaches the port could take AWS credentials. Configure mTLS "
+                    "(BROKER_TLS_CERT_FILE, BROKER_TLS_KEY_FILE, BROKER_TLS_CLIENT_CA_FILE) or "
+                    "bearer tokens (BROKER_TOKEN_HASHES, with TLS), or listen on 127.0.0.1"
+                )
+            if not self.tls:
+                raise ValueError(
+                    f"refusing to send bearer tokens and credentials in plaintext on "
+                    f"{self.listen}: set BROKER_TLS_CERT_FILE and BROKER_TLS_KEY_FILE"
+                )
+        if self.authenticated and self.policy is None and self.policy_file is None:
+            raise ValueError(
+                "caller authentication is configured but no policy says who may call what: set "
+                "BROKER_POLICY (e.g. 'spiffe://example.org/ui=connections; "
+                "spiffe://example.org/launcher=credentials') or BROKER_POLICY_FILE"
+            )
+        if not self.authenticated and (self.policy is not None or self.policy_file is not None):
+            raise ValueError(
+                "a policy is configured but no caller authentication: set "
+                "BROKER_TLS_CLIENT_CA_FILE or BROKER_TOKEN_HASHES"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def authenticated(self) -> bool:
+        return self.tls_client_ca_file is not None or bool(self.token_hashes)
+
+    def load_policy(self) -> Policy | None:
+        if self.policy_file is not None:
+            return Policy.from_toml(self.policy_file.read_text())
+        return Policy.parse(self.policy) if self.policy is not None else None
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """Split `host:port` or `[v6]:port`; raise ValueError with the expected form."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:50051)")
+    return host.strip("[]"), int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ConfigError(Exception):
+    """The environment holds a wrong value; the message names the variable and the fix."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (and overrides); errors become one clear message."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = "BROKER_" + "_".join(str(part) for part in error["loc"]).upper()
+            message = error["msg"].removeprefix("Value error, ")
+            if error["loc"]:
+                lines.append(f"{name}={error.get('input')!r}: {message}")
+            else:
+                lines.append(message)
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def describe_settings() -> str:
+    """One line per variable, for `broker serve --help`."""
+    lines = []
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "" if default in (None, ()) else f" [default: {default}]"
+        lines.append(f"  BROKER_{name.upper()}{shown}\n      {field.description}")
+    return "\n".join(lines)

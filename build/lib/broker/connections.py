@@ -1,0 +1,326 @@
+"""Connection lifecycle (create, verify, get, disconnect), external IDs, and VerifyRole's checks.
+
+One connection per tenant: PENDING → (VerifyRole) → ACTIVE → (Disconnect) → DISCONNECTED →
+(CreateConnection) → PENDING with a new external ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from broker.aws import AssumeRoleRequest, AwsClient
+from broker.credentials import run_request, session_policy_arns
+from broker.errors import AlreadyExists, NotActive, NotFound, RoleNotAssumable, VerificationFailed
+from broker.models import Check, Connection, Credentials, Grant, Status
+from broker.store import ConnectionStore, StoreConflict, StoreUnavailable
+from broker.template import quick_create_url, stack_name
+from broker.trust import requires_external_id
+
+EXTERNAL_ID_BYTES = 24  # 192 bits from `secrets`; DESIGN.md asks for at least 128.
+VERIFY_SESSION_NAME = "credential-broker-verify"
+VERIFY_PROBE_DURATION = 900  # the shortest AWS allows: a probe that wrongly succeeds expires soon
+STORE_RETRIES = 5
+
+
+def new_external_id() -> str:
+    return secrets.token_urlsafe(EXTERNAL_ID_BYTES)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The part of the broker's configuration the connection lifecycle needs."""
+
+    template_url: str
+    trusted_principal_arn: str
+    default_region: str
+    session_duration: int
+    policy_arns: Sequence[str]
+    verify_wait: float
+
+
+class Connections:
+    """The lifecycle rules of DESIGN.md over a ConnectionStore. Calls `on_role_changed(tenant)`
+    and `on_disconnected(tenant)` after the change is stored, so caches and streams follow."""
+
+    def __init__(
+        self,
+        store: ConnectionStore,
+        aws: AwsClient,
+        settings: Settings,
+        *,
+        on_role_changed: Callable[[str], None] = lambda _: None,
+        on_disconnected: Callable[[str], None] = lambda _: None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._aws = aws
+        self.settings = settings
+        self._on_role_changed = on_role_changed
+        self._on_disconnected = on_disconnected
+        self._sleep = sleep
+        self._clock = clock
+        # tenant → its last ACTIVE grant read from the store; changed only by `grant`.
+        self._last_grants: dict[str, Grant] = {}
+
+    async def get(self, tenant_id: str) -> Connection:
+        connection = await self._store.get(tenant_id)
+        if connection is None:
+            raise NotFound(f"no connection for tenant {tenant_id!r}; CreateConnection starts one")
+        return connection
+
+    async def grant(self, tenant_id: str, run_id: str) -> Grant:
+        """What `run_id` may be issued now. NotFound / NotActive when nothing may be issued.
+        While the store cannot be reached, the tenant's last grant read here stands in (nobody
+        can disconnect meanwhile: that needs the store too)."""
+        try:
+            connection = await self.get(tenant_id)
+        except StoreUnavailable:
+            known = self._last_grants.get(tenant_id)
+            if known is None:
+                raise
+            return replace(known, run_id=run_id)
+        if connection.status is not Status.ACTIVE:
+            self._last_grants.pop(tenant_id, None)
+            raise NotActive(
+                f"the connection of tenant {tenant_id!r} is {connection.status.value}, not ACTIVE: "
+                + guidance(connection, self.settings.session_duration),
+                subject=tenant_id,
+            )
+        grant = Grant(
+            tenant_id, run_id, connection.role_arn, connection.external_id, connection.region
+        )
+        self._last_grants[tenant_id] = grant
+        return grant
+
+    async def create(self, tenant_id: str, region: str) -> Connection:
+        """A PENDING connection: the existing one (same external ID), or a new one."""
+        for _ in range(STORE_RETRIES):
+            current = await self._store.get(tenant_id)
+            if current is not None and current.status is Status.ACTIVE:
+                raise AlreadyExists(
+                    f"tenant {tenant_id!r} is already connected to {current.role_arn}; "
+                    "Disconnect first to connect again"
+                )
+            try:
+                if current is not None and current.status is Status.PENDING:
+                    if not region or region == current.region:
+                        return current
+                    return await self._store.save(
+                        replace(current, region=region), new_external_id=False
+                    )
+                fresh = Connection(
+                    tenant_id=tenant_id,
+                    status=Status.PENDING,
+                    external_id=new_external_id(),
+                    region=region or self.settings.default_region,
+                    created_at=datetime.now(UTC),
+                    version=current.version if current else 0,
+                )
+                return await self._store.save(fresh, new_external_id=True)
+            except StoreConflict:
+                continue
+        raise StoreConflict(tenant_id)
+
+    async def disconnect(self, tenant_id: str) -> Connection:
+        for _ in range(STORE_RETRIES):
+            current = await self.get(tenant_id)
+            if current.status is Status.DISCONNECTED:
+                return current
+            try:
+                saved = await self._store.save(
+                    replace(current, status=Status.DISCONNECTED, disconnected_at=datetime.now(UTC)),
+                    new_external_id=False,
+                )
+            except StoreConflict:
+                continue
+            self._on_disconnected(tenant_id)
+            return saved
+        raise StoreConflict(tenant_id)
+
+    async def verify(self, tenant_id: str, role_arn: str, time_left: float | None) -> Connection:
+        """Run every check on `role_arn`; activate the connection when all pass, else raise
+        VerificationFailed with what to fix. `time_left` bounds the wait for a new role."""
+        current = await self.get(tenant_id)
+        if current.status is Status.DISCONNECTED:
+            raise NotActive(
+                f"tenant {tenant_id!r} is disconnected; CreateConnection starts over",
+                subject=tenant_id,
+            )
+        checks = await self._run_checks(current, role_arn, time_left)
+        passed = all(check.passed for check in checks)
+        for _ in range(STORE_RETRIES):
+            latest = await self.get(tenant_id)
+            if latest.external_id != current.external_id or latest.status is Status.DISCONNECTED:
+                raise NotActive(
+                    f"the connection of tenant {tenant_id!r} changed during verification; "
+                    "verify again",
+                    subject=tenant_id,
+                )
+            changes: dict[str, Any] = {"checks": tuple(checks)}
+            if passed:
+                changes |= {
+                    "status": Status.ACTIVE,
+                    "role_arn": role_arn,
+                    "account_id": role_arn.split(":")[4],
+                    "verified_at": datetime.now(UTC),
+                }
+            try:
+                saved = await self._store.save(replace(latest, **changes), new_external_id=False)
+            except StoreConflict:
+                continue
+            break
+        else:
+            raise StoreConflict(tenant_id)
+        if not passed:
+            failed = [(c.name, c.detail) for c in checks if not c.passed]
+            raise VerificationFailed(
+                f"{role_arn} failed verification: " + " ".join(d for _, d in failed),
+                subject=role_arn,
+                failed=failed,
+            )
+        if latest.status is Status.ACTIVE and latest.role_arn != role_arn:
+            self._on_role_changed(tenant_id)
+        return saved
+
+    async def _run_checks(
+        self, connection: Connection, role_arn: str, time_left: float | None
+    ) -> list[Check]:
+        account = role_arn.split(":")[4]
+        checks = [Check("role_arn_format", True, f"an IAM role in account {account}")]
+        credentials: Credentials | None = None
+        try:
+            credentials = await self._assume_until_ready(connection, role_arn, time_left)
+            checks.append(
+                Check(
+                    "assume_with_external_id",
+                    True,
+                    f"assumed as {credentials.assumed_role_arn} for "
+                    f"{self.settings.session_duration} s",
+                )
+            )
+        except RoleNotAssumable as refused:
+            checks.append(
+                Check("assume_with_external_id", False, self._explain(refused, connection))
+            )
+        checks.append(await self._check_denied_without_external_id(role_arn, connection))
+        checks.append(await self._check_trust_policy(credentials, role_arn, connection))
+        return checks
+
+    def _probe_without_external_id(self, role_arn: str) -> AssumeRoleRequest:
+        return AssumeRoleRequest(
+            role_arn=role_arn,
+            session_name=VERIFY_SESSION_NAME,
+            duration=VERIFY_PROBE_DURATION,
+            policy_arns=session_policy_arns(self.settings.policy_arns, role_arn),
+        )
+
+    async def _assume_until_ready(
+        self, connection: Connection, role_arn: str, time_left: float | None
+    ) -> Credentials:
+        """AssumeRole with the external ID, retried while AWS says AccessDenied for at most
+        `verify_wait` seconds (a role created seconds ago may not be assumable yet)."""
+        budget = self.settings.verify_wait
+        if time_left is not None:
+            budget = min(budget, max(time_left - 2.0, 0.0))
+        give_up_at = self._clock() + budget
+        delay = 1.0
+        # Exactly what issuing a run's credentials sends (tags, SourceIdentity, duration), so a
+        # role that passes verification also works for runs.
+        grant = Grant(
+            connection.tenant_id, VERIFY_SESSION_NAME, role_arn, connection.external_id, ""
+        )
+        request = run_request(grant, self.settings.session_duration, self.settings.policy_arns)
+        while True:
+            try:
+                return await self._aws.assume_role(request)
+            except RoleNotAssumable as refused:
+                wait = min(delay, give_up_at - self._clock())
+                if refused.code != "AccessDenied" or wait <= 0:
+                    raise
+            await self._sleep(wait)
+            delay = min(delay * 2, 8.0)
+
+    async def _check_denied_without_external_id(
+        self, role_arn: str, connection: Connection
+    ) -> Check:
+        try:
+            await self._aws.assume_role(self._probe_without_external_id(role_arn))
+        except RoleNotAssumable:
+            return Check("assume_without_external_id_denied", True, "denied, as it must be")
+        return Check(
+            "assume_without_external_id_denied",
+            False,
+            "the role can be assumed WITHOUT the external ID, so anyone who can make us assume "
+            "it could reach your account (the confused deputy problem). Add the condition "
+            f'"StringEquals": {{"sts:ExternalId": "{connection.external_id}"}} to the '
+            "trust policy (the broker's CloudFormation template does).",
+        )
+
+    async def _check_trust_policy(
+        self, credentials: Credentials | None, role_arn: str, connection: Connection
+    ) -> Check:
+        name = "trust_policy_requires_external_id"
+        if credentials is None:
+            return Check(name, False, "not checked: the role could not be assumed")
+        try:
+            document = await self._aws.read_trust_policy(credentials, role_arn)
+        except RoleNotAssumable as refused:
+            return Check(name, True, f"skipped: the role may not read itself ({refused.code})")
+        problem = requires_external_id(
+            document, self.settings.trusted_principal_arn, connection.external_id
+        )
+        if problem:
+            return Check(name, False, problem)
+        return Check(name, True, "every statement trusting the broker requires the external ID")
+
+    def _explain(self, refused: RoleNotAssumable, connection: Connection) -> str:
+        principal = self.settings.trusted_principal_arn
+        if refused.code == "AccessDenied":
+            return (
+                f"AWS denied sts:AssumeRole to {principal} with external ID "
+                f"{connection.external_id}. Check that the stack "
+                f"{stack_name(connection.tenant_id)} finished (CREATE_COMPLETE), that this is its "
+                f"RoleArn output, and that the role's trust policy lets {principal} do "
+                "sts:AssumeRole, sts:TagSession and sts:SetSourceIdentity on the condition "
+                "sts:ExternalId equal to that external ID."
+            )
+        if "DurationSeconds" in str(refused):
+            return (
+                f"the role's MaxSessionDuration is below {self.settings.session_duration} s: "
+                f"raise it to at least {self.settings.session_duration} (the template sets 3600)."
+            )
+        return f"AWS refused sts:AssumeRole: {refused}"
+
+    def link(self, connection: Connection) -> str:
+        return quick_create_url(
+            template_url=self.settings.template_url,
+            region=connection.region,
+            tenant_id=connection.tenant_id,
+            external_id=connection.external_id,
+            trusted_principal_arn=self.settings.trusted_principal_arn,
+        )
+
+
+def guidance(connection: Connection, session_duration: int) -> str:
+    """What the customer should do next, in words."""
+    if connection.status is Status.PENDING:
+        return (
+            "open quick_create_url signed in to the AWS account to connect, create the stack, "
+            "then call VerifyRole with the stack's RoleArn output."
+        )
+    if connection.status is Status.ACTIVE:
+        return "connected: credentials are issued for runs."
+    target = f"the role {connection.role_arn}" if connection.role_arn else "the role"
+    return (
+        "no more credentials are issued and every stream has ended. To remove access completely, "
+        f"delete the CloudFormation stack {stack_name(connection.tenant_id)} ({target}). "
+        f"Sessions already issued stay valid until they expire (at most {session_duration} s); "
+        "to cut them off now, use 'Revoke active sessions' on the role in the IAM console."
+    )

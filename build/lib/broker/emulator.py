@@ -1,0 +1,301 @@
+"""A local AWS emulator for development and tests: moto in server mode on loopback, with the
+one thing moto leaves out that the broker's security rests on: STS enforcing role trust policies.
+
+moto's own STS lets anyone assume any role, with or without an external ID, even a role that does
+not exist. `TrustEnforcingSts` sits in front of it and, like AWS, answers AccessDenied unless the
+role exists, its trust policy allows the caller sts:AssumeRole under the request's conditions
+(sts:ExternalId), and also sts:TagSession / sts:SetSourceIdentity when those are asked for; it
+refuses a DurationSeconds above the role's MaxSessionDuration, and echoes SourceIdentity.
+Every AssumeRole it sees is recorded (no secrets are in a request) for tests to inspect.
+
+Requires the `dev` extra (moto, boto3). Never point a production broker at it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import boto3
+from moto.iam.models import get_account_id_from, iam_backends
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from moto.sts.models import sts_backends
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from broker.config import MAX_SESSION_DURATION
+from broker.template import template_body
+
+PLATFORM_ACCOUNT = "111111111111"
+CUSTOMER_ACCOUNT = "222222222222"
+TEMPLATE_BUCKET = "credential-broker-templates"
+TEMPLATE_KEY = "customer-role.yaml"
+ROLE_CHAINING_CAP = 3600
+_CREDENTIAL_SCOPE = re.compile(r"Credential=([^/]+)/[^/]+/[^/]+/([^/]+)/")
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+@dataclass
+class AssumeRoleCall:
+    """One sts:AssumeRole the emulator answered (or refused)."""
+
+    caller_arn: str
+    role_arn: str
+    session_name: str
+    external_id: str | None
+    source_identity: str | None
+    duration: int
+    tags: dict[str, str]
+    policy_arns: list[str]
+    allowed: bool
+
+
+@dataclass
+class TrustEnforcingSts:
+    """WSGI middleware in front of moto: enforces trust policies on sts:AssumeRole."""
+
+    app: WsgiApp
+    # Hand out credentials that expire after this many seconds, whatever was asked (tests).
+    session_lifetime: float | None = None
+    # Like IAM's eventual consistency: a role younger than this is not assumable yet.
+    propagation_delay: float = 0.0
+    # Seconds every AssumeRole answer is held back (a slow STS).
+    latency: float = 0.0
+    calls: list[AssumeRoleCall] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        scope = _CREDENTIAL_SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
+        if environ.get("REQUEST_METHOD") != "POST" or not scope or scope.group(2) != "sts":
+            return self.app(environ, start_response)
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        environ["wsgi.input"] = io.BytesIO(body)
+        params = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+        if params.get("Action") != "AssumeRole":
+            return self.app(environ, start_response)
+        if self.latency:
+            time.sleep(self.latency)
+        refusal = self._judge(scope.group(1), params)
+        if refusal is not None:
+            status, code, message = refusal
+            return _error(start_response, status, code, message)
+        return self._rewrite(environ, start_response, params)
+
+    def _judge(self, access_key: str, params: dict[str, str]) -> tuple[str, str, str] | None:
+        from broker.trust import allows
+
+        account = get_account_id_from(access_key)
+        _, caller_arn, _ = sts_backends[account]["aws"].get_caller_identity(access_key, "us-east-1")
+        role_arn = params.get("RoleArn", "")
+        tags = {
+            params[k]: params.get(k.replace(".Key", ".Value"), "")
+            for k in params
+            if k.startswith("Tags.member.") and k.endswith(".Key")
+        }
+        call = AssumeRoleCall(
+            caller_arn=caller_arn,
+            role_arn=role_arn,
+            session_name=params.get("RoleSessionName", ""),
+            external_id=params.get("ExternalId"),
+            source_identity=params.get("SourceIdentity"),
+            duration=int(params.get("DurationSeconds", "3600")),
+            tags=tags,
+            policy_arns=[
+                v for k, v in params.items() if re.fullmatch(r"PolicyArns\.member\.\d+\.arn", k)
+            ],
+            allowed=False,
+        )
+        role = _find_role(role_arn)
+        if role is not None and self.propagation_delay:
+            age = (datetime.now(UTC) - role.create_date.replace(tzinfo=UTC)).total_seconds()
+            role = role if age >= self.propagation_delay else None
+        context = {"sts:ExternalId": call.external_id, "sts:SourceIdentity": call.source_identity}
+        document = json.loads(unquote(role.assume_role_policy_document)) if role else {}
+        wanted = ["sts:AssumeRole"]
+        wanted += ["sts:TagSession"] if tags else []
+        wanted += ["sts:SetSourceIdentity"] if call.source_identity else []
+        refused = role is None or not all(
+            allows(document, caller_arn, action, context) for action in wanted
+        )
+        if not refused:
+            assert role is not None
+            chained = ":assumed-role/" in caller_arn
+            limit = min(
+                role.max_session_duration, ROLE_CHAINING_CAP if chained else MAX_SESSION_DURATION
+            )
+            if call.duration > limit:
+                with self._lock:
+                    self.calls.append(call)
+                return (
+                    "400 Bad Request",
+                    "ValidationError",
+                    "The requested DurationSeconds exceeds the MaxSessionDuration set for this "
+                    "role."
+                    if not chained
+                    else "The requested DurationSeconds exceeds the 1 hour "
+                    "session limit for roles assumed by role chaining.",
+                )
+        call.allowed = not refused
+        with self._lock:
+            self.calls.append(call)
+        if refused:
+            return (
+                "403 Forbidden",
+                "AccessDenied",
+                f"User: {caller_arn} is not authorized to perform: sts:AssumeRole on resource: "
+                f"{role_arn}",
+            )
+        return None
+
+    def _rewrite(
+        self, environ: dict[str, Any], start_response: Callable[..., Any], params: dict[str, str]
+    ) -> Iterable[bytes]:
+        captured: dict[str, Any] = {}
+
+        def keep(status: str, headers: list[tuple[str, str]], *_: Any) -> None:
+            captured["status"], captured["headers"] = status, headers
+
+        body = b"".join(self.app(environ, keep))
+        if self.session_lifetime is not None:
+            expires = datetime.now(UTC) + timedelta(seconds=self.session_lifetime)
+            stamp = expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+            body = re.sub(
+                rb"<Expiration>[^<]*</Expiration>", b"<Expiration>" + stamp + b"</Expiration>", body
+            )
+        if params.get("SourceIdentity"):
+            element = f"<SourceIdentity>{params['SourceIdentity']}</SourceIdentity>".encode()
+            body = body.replace(b"</AssumedRoleUser>", b"</AssumedRoleUser>" + element, 1)
+        headers = [(k, v) for k, v in captured["headers"] if k.lower() != "content-length"]
+        start_response(captured["status"], [*headers, ("Content-Length", str(len(body)))])
+        return [body]
+
+
+class _QuietHandler(MotoRequestHandler):
+    def log_request(self, *_: Any) -> None:
+        """One line per request on stderr is noise in tests and in `broker dev`."""
+
+
+def _find_role(role_arn: str) -> Any:
+    parts = role_arn.split(":")
+    if len(parts) < 6 or not parts[4].isdigit():
+        return None
+    try:
+        return iam_backends[parts[4]]["aws"].get_role_by_arn(role_arn)
+    except Exception:  # moto's IAMNotFoundException and friends: no such role
+        return None
+
+
+def _error(start_response: Callable[..., Any], status: str, code: str, message: str) -> list[bytes]:
+    body = (
+        '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+        f"<Error><Type>Sender</Type><Code>{code}</Code><Message>{_xml(message)}</Message></Error>"
+        f"<RequestId>{uuid.uuid4()}</RequestId></ErrorResponse>"
+    ).encode()
+    start_response(status, [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _xml(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+@dataclass(frozen=True)
+class Identity:
+    arn: str
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+
+
+class EmulatorClient:
+    """boto3 clients for an emulator at `endpoint_url`, and what a newcomer does with them."""
+
+    def __init__(self, endpoint_url: str) -> None:
+        self.endpoint_url = endpoint_url
+
+    def client(self, service: str, account: str = PLATFORM_ACCOUNT, **credentials: str) -> Any:
+        """A boto3 client for the emulator, acting in `account` (or as `credentials`)."""
+        client = boto3.client(
+            service,
+            region_name="us-east-1",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=credentials.get("aws_access_key_id", "testing"),
+            aws_secret_access_key=credentials.get("aws_secret_access_key", "testing"),
+            aws_session_token=credentials.get("aws_session_token"),
+        )
+        if not credentials:
+            client.meta.events.register(
+                "before-sign.*.*",
+                lambda request, **_: request.headers.__setitem__("x-moto-account-id", account),
+            )
+        return client
+
+    def create_user(self, name: str, account: str = PLATFORM_ACCOUNT) -> Identity:
+        """An IAM user with an access key: the broker's own identity in the platform account."""
+        iam = self.client("iam", account)
+        arn = iam.create_user(UserName=name)["User"]["Arn"]
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return Identity(arn, key["AccessKeyId"], key["SecretAccessKey"])
+
+    def publish_template(self) -> str:
+        """Put the customer template in the emulator's S3; returns its URL."""
+        s3 = self.client("s3")
+        s3.create_bucket(Bucket=TEMPLATE_BUCKET)
+        s3.put_object(Bucket=TEMPLATE_BUCKET, Key=TEMPLATE_KEY, Body=template_body().encode())
+        return f"{self.endpoint_url}/{TEMPLATE_BUCKET}/{TEMPLATE_KEY}"
+
+    def create_customer_stack(self, quick_create_url: str, account: str = CUSTOMER_ACCOUNT) -> str:
+        """Do what the customer does with the quick-create link: create the stack from the
+        template with the link's parameters, in their account. Returns the RoleArn output."""
+        query = parse_qs(urlsplit(quick_create_url).fragment.partition("?")[2])
+        parameters = [
+            {"ParameterKey": key.removeprefix("param_"), "ParameterValue": values[0]}
+            for key, values in query.items()
+            if key.startswith("param_")
+        ]
+        stack_name = query["stackName"][0]
+        cloudformation = self.client("cloudformation", account)
+        cloudformation.create_stack(
+            StackName=stack_name,
+            TemplateBody=template_body(),
+            Parameters=parameters,
+            Capabilities=["CAPABILITY_IAM"],
+        )
+        stack = cloudformation.describe_stacks(StackName=stack_name)["Stacks"][0]
+        if stack["StackStatus"] != "CREATE_COMPLETE":
+            raise RuntimeError(f"stack {stack_name} is {stack['StackStatus']}")
+        outputs = {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}
+        return str(outputs["RoleArn"])
+
+
+class LocalAws(EmulatorClient):
+    """moto on 127.0.0.1 behind `TrustEnforcingSts`. `start()`, use `endpoint_url`, `stop()`."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.sts = TrustEnforcingSts(DomainDispatcherApplication(create_backend_app))
+        self._server: BaseWSGIServer = make_server(
+            "127.0.0.1", port, self.sts, threaded=True, request_handler=_QuietHandler
+        )
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__(f"http://127.0.0.1:{self._server.server_port}")
+
+    def start(self) -> LocalAws:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()

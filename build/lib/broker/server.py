@@ -1,0 +1,251 @@
+"""grpc.aio wiring: the broker's service, health, reflection, server limits, and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from broker import logs, wire
+from broker.auth import Guard, parse_token_hashes
+from broker.aws import AwsClient
+from broker.cache import CredentialCache
+from broker.config import ConfigError, Settings
+from broker.connections import Connections
+from broker.connections import Settings as ConnectionSettings
+from broker.credentials import StsSource
+from broker.errors import BrokerError, ShuttingDown, StreamEnded
+from broker.service import CredentialBrokerService
+from broker.store import ConnectionStore, open_store
+from broker.streams import StreamHub
+from broker.sync import TenantSync
+from broker.v1 import broker_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["CredentialBroker"].full_name
+SWEEP_INTERVAL = 60.0
+MAX_MESSAGE_BYTES = 64 * 1024  # requests are a few hundred bytes; anything larger is not ours
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Limits set on purpose: a reconnect storm queues in core rather than being dropped."""
+    return [
+        ("grpc.server.max_pending_requests", settings.max_pending_requests),
+        ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_requests),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+@dataclass
+class Broker:
+    """A running broker: its server and everything the server's handlers hold."""
+
+    settings: Settings
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    aws: AwsClient
+    store: ConnectionStore
+    cache: CredentialCache
+    hub: StreamHub
+    sync: TenantSync
+    _background: list[asyncio.Task[None]]
+    health_server: grpc.aio.Server | None = None
+    _stopping: asyncio.Task[None] | None = None
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, end streams with UNAVAILABLE, let unary calls finish, close.
+        Calling it again waits for the first call's drain."""
+        if self._stopping is None:
+            grace = self.settings.shutdown_grace if grace is None else grace
+            self._stopping = asyncio.create_task(self._drain(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _drain(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        self.hub.end_all(ShuttingDown("the broker is shutting down; reconnect to another replica"))
+        await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.aws.close()
+        await self.store.close()
+
+
+async def start(settings: Settings, *, static_credentials: tuple[str, str] | None = None) -> Broker:
+    """Build every part from `settings`, start serving, and report SERVING."""
+    logs.protect_secrets()
+    if not settings.template_url:
+        raise ConfigError(
+            "BROKER_TEMPLATE_URL is required: the HTTPS URL where the customer's CloudFormation "
+            "template (`broker template`) is published, e.g. in S3. `broker dev` sets one."
+        )
+    aws = AwsClient(
+        region=settings.aws_region,
+        endpoint_url=settings.aws_endpoint_url,
+        static_credentials=static_credentials,
+    )
+    await aws.start()
+    try:
+        principal = settings.trusted_principal_arn or await aws.caller_arn()
+    except BrokerError as exc:
+        await aws.close()
+        raise ConfigError(
+            f"cannot learn the broker's AWS identity ({exc}); set BROKER_TRUSTED_PRINCIPAL_ARN "
+            "or give the broker AWS credentials"
+        ) from None
+    try:
+        store = await open_store(settings.database_url)
+    except BrokerError as exc:
+        await aws.close()
+        raise ConfigError(f"BROKER_DATABASE_URL: cannot open the store ({exc})") from None
+    hub = StreamHub()
+    cache = CredentialCache(
+        StsSource(
+            aws, duration=settings.session_duration, policy_arns=settings.session_policy_arns
+        ),
+        refresh_margin=settings.refresh_margin,
+        max_entries=settings.cache_max_entries,
+    )
+
+    def role_changed(tenant_id: str) -> None:
+        cache.evict_tenant(tenant_id)
+        hub.wake_tenant(tenant_id)
+
+    def disconnected(tenant_id: str) -> None:
+        cache.evict_tenant(tenant_id)
+        hub.end_tenant(tenant_id, StreamEnded(f"tenant {tenant_id!r} was disconnected", tenant_id))
+
+    connections = Connections(
+        store,
+        aws,
+        ConnectionSettings(
+            template_url=settings.template_url,
+            trusted_principal_arn=principal,
+            default_region=settings.aws_region,
+            session_duration=settings.session_duration,
+            policy_arns=settings.session_policy_arns,
+            verify_wait=settings.verify_wait,
+        ),
+        on_role_changed=role_changed,
+        on_disconnected=disconnected,
+    )
+    server = grpc.aio.server(options=server_options(settings))
+    guard = Guard(
+        mtls=settings.tls_client_ca_file is not None,
+        token_hashes=parse_token_hashes(settings.token_hashes),
+        policy=settings.load_policy(),
+    )
+    wire.add_to_server(
+        CredentialBrokerService(
+            connections,
+            cache,
+            hub,
+            guard=guard,
+            refresh_margin=settings.refresh_margin,
+            max_call_seconds=settings.max_call_seconds,
+        ),
+        server,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = (
+        server.add_secure_port(settings.listen, server_credentials(settings))
+        if settings.tls
+        else server.add_insecure_port(settings.listen)
+    )
+    if port == 0:
+        raise ConfigError(f"BROKER_LISTEN={settings.listen}: cannot listen there")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    sync = TenantSync(store, cache, hub)
+    background = [
+        asyncio.create_task(_sweep_forever(cache), name="cache-sweeper"),
+        asyncio.create_task(store.listen(sync.on_change, sync.on_missed), name="store-listener"),
+        asyncio.create_task(sync.recheck_forever(settings.recheck_interval), name="recheck"),
+    ]
+    log.info(
+        "serving",
+        extra={
+            "listen": settings.listen,
+            "port": port,
+            "tls": settings.tls,
+            "mtls": settings.tls_client_ca_file is not None,
+            "tokens": len(settings.token_hashes),
+            "trusted_principal": principal,
+        },
+    )
+    broker = Broker(
+        settings, server, port, health_servicer, aws, store, cache, hub, sync, background
+    )
+    if settings.health_listen is not None:
+        broker.health_server = await _health_only(settings.health_listen, health_servicer)
+    return broker
+
+
+async def _health_only(listen: str, servicer: health.aio.HealthServicer) -> grpc.aio.Server:
+    """grpc.health.v1 alone, in plaintext: what a kubelet's gRPC probe can reach."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    if server.add_insecure_port(listen) == 0:
+        raise ConfigError(f"BROKER_HEALTH_LISTEN={listen}: cannot listen there")
+    await server.start()
+    return server
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS with the configured certificate; with a client CA, every caller must present a
+    certificate it signed (mTLS)."""
+    assert settings.tls_cert_file is not None
+    assert settings.tls_key_file is not None
+    client_ca = settings.tls_client_ca_file
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca else None,
+        require_client_auth=client_ca is not None,
+    )
+
+
+async def _sweep_forever(cache: CredentialCache) -> None:
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL)
+        cache.sweep()
+
+
+async def serve(
+    settings: Settings,
+    *,
+    static_credentials: tuple[str, str] | None = None,
+    on_ready: Callable[[Broker], None] = lambda _: None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then drain."""
+    broker = await start(settings, static_credentials=static_credentials)
+    on_ready(broker)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("draining", extra={"grace_s": settings.shutdown_grace})
+    await broker.stop()
+    log.info("stopped")

@@ -1,0 +1,326 @@
+"""RPC handlers: validate → domain call → response. Domain errors become gRPC status here, in
+one table (`STATUS_OF`); an unexpected exception is INTERNAL with a generic message and one
+`log.exception`, never its own text."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, timestamp_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from broker import validation
+from broker.auth import Guard
+from broker.cache import CredentialCache
+from broker.connections import Connections, guidance
+from broker.errors import (
+    Aborted,
+    AlreadyExists,
+    BrokerError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    StreamEnded,
+    Unauthenticated,
+    Unavailable,
+)
+from broker.models import Connection, Credentials, Status
+from broker.streams import StreamHub, watch
+from broker.v1 import broker_pb2 as pb
+from broker.v1 import broker_pb2_grpc
+from broker.wire import Malformed
+
+log = logging.getLogger(__name__)
+
+# The one mapping from domain errors to status codes (DESIGN.md, "Status codes"). First match wins.
+STATUS_OF: tuple[tuple[type[BrokerError], grpc.StatusCode], ...] = (
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Aborted, grpc.StatusCode.ABORTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+)
+
+STATUS_PB = {
+    Status.PENDING: pb.CONNECTION_STATUS_PENDING,
+    Status.ACTIVE: pb.CONNECTION_STATUS_ACTIVE,
+    Status.DISCONNECTED: pb.CONNECTION_STATUS_DISCONNECTED,
+}
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def status_for(error: BrokerError) -> grpc.Status:
+    """The rich status (google.rpc.Status with details) that reports `error`."""
+    code = next(code for kind, code in STATUS_OF if isinstance(error, kind))
+    details = []
+    if isinstance(error, InvalidArgument):
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=error.field, description=error.description
+        )
+        details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    elif isinstance(error, FailedPrecondition):
+        failure = error_details_pb2.PreconditionFailure()
+        for v in error.violations:
+            failure.violations.add(type=v.type, subject=v.subject, description=v.description)
+        details.append(failure)
+    packed = []
+    for detail in details:
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=str(error), details=packed)
+    )
+    return status
+
+
+async def _report(context: grpc.aio.ServicerContext[Any, Any], method: str, exc: Exception) -> None:
+    if isinstance(exc, BrokerError):
+        await context.abort_with_status(status_for(exc))
+    reference = uuid.uuid4().hex[:12]
+    log.exception("unexpected error", extra={"method": method, "error_ref": reference})
+    await context.abort_with_status(
+        rpc_status.to_status(
+            status_pb2.Status(
+                code=code_pb2.INTERNAL, message=f"internal error (reference {reference})"
+            )
+        )
+    )
+
+
+@contextlib.asynccontextmanager
+async def _handled(
+    guard: Guard, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[dict[str, object]]:
+    """Around every call: the caller is authenticated and authorised; errors become status
+    (the one place that does); one log line with the caller and the request's ids only.
+    Requests hold no secret; the responses of IssueCredentials and WatchCredentials do, so no
+    message is ever logged whole. Yields extra fields to log."""
+    started, code = time.perf_counter(), "OK"
+    fields: dict[str, object] = {}
+    try:
+        caller = guard.caller(context.auth_context(), context.invocation_metadata())
+        fields["caller"] = caller.identity
+        if isinstance(request, Malformed):
+            raise InvalidArgument("request", f"is not a valid {request.type_name} message")
+        guard.check(caller, method, request.tenant_id)
+        yield fields
+    except (asyncio.CancelledError, GeneratorExit):  # the caller went away
+        code = "CANCELLED"
+        raise
+    except Exception as exc:
+        code = _code_name(exc)
+        await _report(context, method, exc)
+        raise
+    finally:
+        log.info(
+            "rpc",
+            extra={
+                "method": method,
+                "code": code,
+                "tenant": getattr(request, "tenant_id", ""),
+                "run": getattr(request, "run_id", ""),
+                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                **fields,
+            },
+        )
+
+
+def unary(handler: Handler) -> Handler:
+    """Run a unary handler inside `_handled`."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: CredentialBrokerService, request: Any, context: Any) -> Any:
+        async with _handled(self.guard, handler.__name__, request, context):
+            limit = self.max_call_seconds if context.time_remaining() is None else None
+            try:
+                async with asyncio.timeout(limit):
+                    return await handler(self, request, context)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"the call took longer than the server's limit of {limit} s"
+                ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def streaming(handler: Handler) -> Handler:
+    """Run a server-streaming handler inside `_handled`, counting the messages sent."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: CredentialBrokerService, request: Any, context: Any
+    ) -> AsyncIterator[Any]:
+        sent = 0
+        async with _handled(self.guard, handler.__name__, request, context) as fields:
+            async for message in handler(self, request, context):
+                yield message
+                sent += 1
+                fields["messages"] = sent
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _code_name(exc: Exception) -> str:
+    if isinstance(exc, BrokerError):
+        return next(code.name for kind, code in STATUS_OF if isinstance(exc, kind))
+    return "INTERNAL"
+
+
+def _timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if moment is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def credentials_pb(credentials: Credentials, region: str) -> pb.Credentials:
+    return pb.Credentials(
+        access_key_id=credentials.access_key_id,
+        secret_access_key=credentials.secret_access_key,
+        session_token=credentials.session_token,
+        expiration=_timestamp(credentials.expiration),
+        region=region,
+        assumed_role_arn=credentials.assumed_role_arn,
+    )
+
+
+class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
+    """The gRPC face of the broker. Holds no state of its own."""
+
+    def __init__(
+        self,
+        connections: Connections,
+        cache: CredentialCache,
+        hub: StreamHub,
+        *,
+        guard: Guard,
+        refresh_margin: float,
+        max_call_seconds: float,
+    ) -> None:
+        self._connections = connections
+        self._cache = cache
+        self._hub = hub
+        self._refresh_margin = refresh_margin
+        self.guard = guard
+        self.max_call_seconds = max_call_seconds
+
+    def connection_pb(self, connection: Connection) -> pb.Connection:
+        settings = self._connections.settings
+        return pb.Connection(
+            tenant_id=connection.tenant_id,
+            status=STATUS_PB[connection.status],
+            external_id=connection.external_id,
+            quick_create_url=self._connections.link(connection),
+            template_url=settings.template_url,
+            trusted_principal_arn=settings.trusted_principal_arn,
+            role_arn=connection.role_arn,
+            account_id=connection.account_id,
+            created_at=_timestamp(connection.created_at),
+            verified_at=_timestamp(connection.verified_at),
+            disconnected_at=_timestamp(connection.disconnected_at),
+            checks=[
+                pb.Check(name=c.name, passed=c.passed, detail=c.detail) for c in connection.checks
+            ],
+            region=connection.region,
+            guidance=guidance(connection, settings.session_duration),
+        )
+
+    @unary
+    async def CreateConnection(
+        self, request: pb.CreateConnectionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CreateConnectionResponse:
+        tenant_id = validation.field("tenant_id", request.tenant_id)
+        region = validation.field("region", request.region, optional=True)
+        connection = await self._connections.create(tenant_id, region)
+        return pb.CreateConnectionResponse(connection=self.connection_pb(connection))
+
+    @unary
+    async def VerifyRole(
+        self, request: pb.VerifyRoleRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.VerifyRoleResponse:
+        tenant_id = validation.field("tenant_id", request.tenant_id)
+        role_arn = validation.field("role_arn", request.role_arn)
+        time_left = context.time_remaining()
+        connection = await self._connections.verify(
+            tenant_id, role_arn, self.max_call_seconds if time_left is None else time_left
+        )
+        return pb.VerifyRoleResponse(connection=self.connection_pb(connection))
+
+    @unary
+    async def GetConnection(
+        self, request: pb.GetConnectionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetConnectionResponse:
+        tenant_id = validation.field("tenant_id", request.tenant_id)
+        connection = await self._connections.get(tenant_id)
+        return pb.GetConnectionResponse(connection=self.connection_pb(connection))
+
+    @unary
+    async def IssueCredentials(
+        self, request: pb.IssueCredentialsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.IssueCredentialsResponse:
+        tenant_id = validation.field("tenant_id", request.tenant_id)
+        run_id = validation.field("run_id", request.run_id)
+        grant = await self._connections.grant(tenant_id, run_id)
+        credentials = await self._cache.get(grant)
+        return pb.IssueCredentialsResponse(credentials=credentials_pb(credentials, grant.region))
+
+    @streaming
+    async def WatchCredentials(
+        self, request: pb.WatchCredentialsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchCredentialsResponse]:
+        tenant_id = validation.field("tenant_id", request.tenant_id)
+        run_id = validation.field("run_id", request.run_id)
+        grant = await self._connections.grant(tenant_id, run_id)
+        subscription = self._hub.subscribe(grant.key)
+        try:
+            async for credentials in watch(
+                subscription,
+                grant,
+                lambda: self._connections.grant(tenant_id, run_id),
+                self._cache,
+                refresh_margin=self._refresh_margin,
+            ):
+                yield pb.WatchCredentialsResponse(
+                    credentials=credentials_pb(credentials, grant.region)
+                )
+        finally:
+            self._hub.unsubscribe(subscription)
+
+    @unary
+    async def ReleaseCredentials(
+        self, request: pb.ReleaseCredentialsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReleaseCredentialsResponse:
+        tenant_id = validation.field("tenant_id", request.tenant_id)
+        run_id = validation.field("run_id", request.run_id)
+        self._cache.release(tenant_id, run_id)
+        self._hub.end_run(
+            (tenant_id, run_id), StreamEnded(f"run {run_id!r} was released", subject=run_id)
+        )
+        return pb.ReleaseCredentialsResponse()
+
+    @unary
+    async def Disconnect(
+        self, request: pb.DisconnectRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DisconnectResponse:
+        tenant_id = validation.field("tenant_id", request.tenant_id)
+        connection = await self._connections.disconnect(tenant_id)
+        return pb.DisconnectResponse(connection=self.connection_pb(connection))

@@ -1,0 +1,52 @@
+"""Where connections live (never credentials). `open_store` picks the implementation by URL:
+`sqlite:///PATH` (one replica) or `postgresql://…` (several replicas, which hear each other's
+changes through `listen`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from broker.errors import Aborted, Unavailable
+from broker.models import Connection
+
+
+class StoreConflict(Aborted):
+    """Another writer changed the connection since it was read; read again and retry."""
+
+
+class StoreUnavailable(Unavailable):
+    """The store cannot be reached right now; retryable."""
+
+
+class ConnectionStore(Protocol):
+    """Connections by tenant, with optimistic concurrency on `Connection.version`."""
+
+    async def get(self, tenant_id: str) -> Connection | None:
+        """The tenant's connection, or None."""
+        ...
+
+    async def save(self, connection: Connection, *, new_external_id: bool) -> Connection:
+        """Store `connection` if the stored version is still `connection.version` (0: none
+        stored). Returns it with the next version. With `new_external_id`, the external ID is
+        recorded as used and must never have been used before. Raises StoreConflict otherwise.
+        Every replica listening is told the tenant changed."""
+        ...
+
+    async def listen(self, on_change: Callable[[str], None], on_missed: Callable[[], None]) -> None:
+        """Until cancelled: call `on_change(tenant_id)` for every change another replica saves,
+        and `on_missed()` after an interruption in which changes may have been missed."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def open_store(database_url: str) -> ConnectionStore:
+    """The store for `database_url`, its schema migrated to the latest version."""
+    if database_url.startswith(("postgresql://", "postgres://")):
+        from broker.store.postgres import PostgresStore
+
+        return await PostgresStore.open(database_url)
+    from broker.store.sqlite import SqliteStore
+
+    return SqliteStore(database_url.removeprefix("sqlite:///"))

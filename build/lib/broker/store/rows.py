@@ -1,0 +1,62 @@
+"""A connection as a table row, the same for every store; only how times are kept differs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from broker.models import Check, Connection, Status
+
+COLUMNS = (
+    "tenant_id, status, external_id, region, role_arn, account_id, "
+    "created_at, verified_at, disconnected_at, checks, version"
+)
+
+
+def to_row(c: Connection, keep_time: Callable[[datetime], Any] = lambda t: t) -> tuple[Any, ...]:
+    """The values for COLUMNS; `keep_time` turns a datetime into what the store keeps."""
+
+    def kept(moment: datetime | None) -> Any:
+        return None if moment is None else keep_time(moment)
+
+    return (
+        c.tenant_id,
+        c.status.value,
+        c.external_id,
+        c.region,
+        c.role_arn,
+        c.account_id,
+        kept(c.created_at),
+        kept(c.verified_at),
+        kept(c.disconnected_at),
+        json.dumps([[k.name, k.passed, k.detail] for k in c.checks]),
+        c.version,
+    )
+
+
+def from_row(
+    row: tuple[Any, ...] | Any, read_time: Callable[[Any], datetime] = lambda t: t
+) -> Connection:
+    """The connection in a row of COLUMNS; `read_time` turns a kept time back into a datetime."""
+
+    def read(value: Any) -> datetime | None:
+        return None if value is None else read_time(value)
+
+    created_at = read(row[6])
+    if created_at is None:
+        raise ValueError(f"connection {row[0]!r} has no created_at")
+    return Connection(
+        tenant_id=row[0],
+        status=Status(row[1]),
+        external_id=row[2],
+        region=row[3],
+        role_arn=row[4],
+        account_id=row[5],
+        created_at=created_at,
+        verified_at=read(row[7]),
+        disconnected_at=read(row[8]),
+        checks=tuple(Check(name, bool(ok), detail) for name, ok, detail in json.loads(row[9])),
+        version=row[10],
+    )

@@ -1,0 +1,139 @@
+"""ConnectionStore on one SQLite file: the default for a single replica and for development.
+
+All access goes through one worker thread that owns the sqlite3 connection, so the event loop
+never blocks on the file and writes are serialised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, TypeVar
+
+from broker.models import Connection
+from broker.store import StoreConflict
+from broker.store.rows import COLUMNS, from_row, to_row
+
+T = TypeVar("T")
+
+# Applied in order; PRAGMA user_version records how many have run.
+MIGRATIONS = (
+    """
+    CREATE TABLE connections (
+        tenant_id       TEXT PRIMARY KEY,
+        status          TEXT NOT NULL,
+        external_id     TEXT NOT NULL,
+        region          TEXT NOT NULL,
+        role_arn        TEXT NOT NULL DEFAULT '',
+        account_id      TEXT NOT NULL DEFAULT '',
+        created_at      TEXT NOT NULL,
+        verified_at     TEXT,
+        disconnected_at TEXT,
+        checks          TEXT NOT NULL DEFAULT '[]',
+        version         INTEGER NOT NULL
+    );
+    CREATE TABLE used_external_ids (
+        external_id TEXT PRIMARY KEY,
+        tenant_id   TEXT NOT NULL,
+        used_at     TEXT NOT NULL
+    );
+    """,
+)
+
+
+class SqliteStore:
+    """Connections in a SQLite file. `_db` is touched only from the `_worker` thread."""
+
+    def __init__(self, path: str) -> None:
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._db: sqlite3.Connection = self._worker.submit(_open, path).result()
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._worker, partial(fn, self._db, *args)
+        )
+
+    async def get(self, tenant_id: str) -> Connection | None:
+        row = await self._run(_select, tenant_id)
+        return None if row is None else from_row(row, datetime.fromisoformat)
+
+    async def save(self, connection: Connection, *, new_external_id: bool) -> Connection:
+        saved: Connection = await self._run(_save, connection, new_external_id)
+        return saved
+
+    async def listen(self, on_change: Callable[[str], None], on_missed: Callable[[], None]) -> None:
+        """One SQLite file serves one replica: nobody else changes it, nothing to hear."""
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        await self._run(lambda db: db.close())
+        self._worker.shutdown(wait=True)
+
+
+def _open(path: str) -> sqlite3.Connection:
+    if path != ":memory:" and not os.path.exists(path):
+        # Nothing secret is stored, but connection data is nobody else's business either.
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA busy_timeout=5000")
+    with _transaction(db):
+        current = db.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            for statement in filter(str.strip, script.split(";")):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number}")
+    return db
+
+
+class _transaction:
+    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _select(db: sqlite3.Connection, tenant_id: str) -> tuple[Any, ...] | None:
+    row: tuple[Any, ...] | None = db.execute(
+        f"SELECT {COLUMNS} FROM connections WHERE tenant_id = ?",  # noqa: S608 - constant columns
+        (tenant_id,),
+    ).fetchone()
+    return row
+
+
+def _save(db: sqlite3.Connection, connection: Connection, new_external_id: bool) -> Connection:
+    saved = replace(connection, version=connection.version + 1)
+    with _transaction(db):
+        row = db.execute(
+            "SELECT version FROM connections WHERE tenant_id = ?", (connection.tenant_id,)
+        ).fetchone()
+        if (row[0] if row else 0) != connection.version:
+            raise StoreConflict(connection.tenant_id)
+        if new_external_id:
+            try:
+                db.execute(
+                    "INSERT INTO used_external_ids VALUES (?, ?, ?)",
+                    (connection.external_id, connection.tenant_id, datetime.now(UTC).isoformat()),
+                )
+            except sqlite3.IntegrityError:
+                raise StoreConflict(connection.tenant_id) from None
+        db.execute(
+            f"INSERT OR REPLACE INTO connections ({COLUMNS}) "  # noqa: S608 - constant columns
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            to_row(saved, datetime.isoformat),
+        )
+    return saved

@@ -1,0 +1,184 @@
+"""A fault-injecting AWS endpoint for tests: an HTTP proxy on 127.0.0.1 in front of the local
+emulator. It forwards every request, or, on command, injects a fault into the AWS actions it is
+told (AssumeRole by default): STS's Throttling error, a 5xx, added latency, a hang past the
+client's timeout, a reset connection, or being down entirely. It counts what it saw.
+
+    faults = FaultyAws(local_aws.endpoint_url).start()
+    faults.inject("throttle")            # every AssumeRole from now on is throttled
+    faults.inject("latency", seconds=0.05)
+    faults.inject("down")                # every request, any action, is reset
+    faults.clear()
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+MODES = ("pass", "throttle", "error", "latency", "hang", "reset", "down")
+
+
+class FaultyAws:
+    def __init__(self, upstream: str) -> None:
+        split = urlsplit(upstream)
+        self._upstream = (split.hostname or "127.0.0.1", split.port or 80)
+        self.mode = "pass"
+        self.seconds = 0.0
+        self.budget: int | None = None
+        self.actions: frozenset[str] = frozenset({"AssumeRole"})
+        self.requests: Counter[str] = Counter()  # action → requests seen
+        self.faults: Counter[str] = Counter()  # mode → faults injected
+        self.in_flight = 0
+        self.most_in_flight = 0  # of the actions faults apply to
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                proxy._handle(self)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def start(self) -> FaultyAws:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def inject(
+        self,
+        mode: str,
+        *,
+        seconds: float = 0.0,
+        actions: tuple[str, ...] = (),
+        count: int | None = None,
+    ) -> None:
+        """From now on, `mode` for `actions` (all actions when down); after `count` faults, if
+        given, requests pass again."""
+        assert mode in MODES, mode
+        with self._lock:
+            self.mode, self.seconds, self.budget = mode, seconds, count
+            if actions:
+                self.actions = frozenset(actions)
+
+    def clear(self) -> None:
+        self.inject("pass", actions=("AssumeRole",))
+
+    def total_faults(self) -> int:
+        return sum(self.faults.values())
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        action = parse_qs(body.decode(errors="replace")).get("Action", ["?"])[0]
+        with self._lock:
+            mode, seconds = self.mode, self.seconds
+            applies = mode == "down" or (mode != "pass" and action in self.actions)
+            if applies and self.budget is not None:
+                applies = self.budget > 0
+                self.budget -= 1
+            self.requests[action] += 1
+            if applies:
+                self.faults[mode] += 1
+            counted = action in self.actions
+            if counted:
+                self.in_flight += 1
+                self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        finished = threading.Event()
+
+        def answered() -> None:
+            """The answer is about to leave: from here on the caller may send its next one."""
+            if counted and not finished.is_set():
+                finished.set()
+                with self._lock:
+                    self.in_flight -= 1
+
+        try:
+            if not applies:
+                self._forward(handler, body, answered)
+            elif mode == "throttle":
+                _error(handler, 400, "Throttling", "Rate exceeded", answered)
+            elif mode == "error":
+                _error(handler, 503, "ServiceUnavailable", "Service is unavailable", answered)
+            elif mode == "latency":
+                time.sleep(seconds)
+                self._forward(handler, body, answered)
+            elif mode == "hang":
+                time.sleep(seconds)
+                answered()
+                _reset(handler)
+            else:  # reset, down
+                answered()
+                _reset(handler)
+        finally:
+            answered()
+
+    def _forward(
+        self, handler: BaseHTTPRequestHandler, body: bytes, answered: Callable[[], None]
+    ) -> None:
+        upstream = http.client.HTTPConnection(*self._upstream, timeout=30)
+        try:
+            headers = {k: v for k, v in handler.headers.items() if k.lower() != "connection"}
+            upstream.request("POST", handler.path, body, headers)
+            answer = upstream.getresponse()
+            data = answer.read()
+        finally:
+            upstream.close()
+        handler.send_response(answer.status)
+        for key, value in answer.getheaders():
+            if key.lower() not in ("content-length", "connection", "transfer-encoding"):
+                handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        answered()
+        handler.wfile.write(data)
+
+
+def _error(
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    code: str,
+    message: str,
+    answered: Callable[[], None],
+) -> None:
+    body = (
+        '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+        f"<Error><Type>{'Sender' if status < 500 else 'Receiver'}</Type><Code>{code}</Code>"
+        f"<Message>{message}</Message></Error><RequestId>{uuid.uuid4()}</RequestId>"
+        "</ErrorResponse>"
+    ).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "text/xml")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    answered()
+    handler.wfile.write(body)
+
+
+def _reset(handler: BaseHTTPRequestHandler) -> None:
+    """Close the connection with a TCP reset, as a crashed or unreachable endpoint does."""
+    connection: socket.socket = handler.connection
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    handler.close_connection = True
+    connection.close()
