@@ -188,6 +188,7 @@ def settings_for(database_url: str, local_aws: LocalAws, template_url: str) -> d
         "template_url": template_url,
         "verify_wait": 1.0,
         "shutdown_grace": 1.0,
+        "metrics_listen": "127.0.0.1:0",
     }
 
 

@@ -33,6 +33,7 @@ class Dev(BrokerProcess):
             "BROKER_LISTEN": "127.0.0.1:0",
             "BROKER_DATABASE_URL": f"sqlite:///{tmp_path / 'dev.db'}",
             "BROKER_LOG_LEVEL": "DEBUG",
+            "BROKER_METRICS_LISTEN": "127.0.0.1:0",
         }
         super().__init__(["dev", "--aws-port", "0"], env, tmp_path / "dev.log")
         self.wait_for(r"DEVELOPMENT MODE[^=]*=====+\n")

@@ -41,6 +41,7 @@ def replica_env(
         "BROKER_AWS_ENDPOINT_URL": local_aws.endpoint_url,
         "BROKER_TEMPLATE_URL": template_url,
         "BROKER_RECHECK_INTERVAL": str(RECHECK_INTERVAL),
+        "BROKER_METRICS_LISTEN": "127.0.0.1:0",
         "AWS_ACCESS_KEY_ID": broker_identity.access_key_id,
         "AWS_SECRET_ACCESS_KEY": broker_identity.secret_access_key,
     }

@@ -7,6 +7,7 @@ With no authentication configured (allowed on loopback only, see config.py) ever
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
 import re
@@ -18,7 +19,9 @@ from typing import Any
 
 from broker.errors import PermissionDenied, Unauthenticated
 
-CONNECTION_RPCS = frozenset({"CreateConnection", "VerifyRole", "GetConnection", "Disconnect"})
+CONNECTION_RPCS = frozenset(
+    {"CreateConnection", "VerifyRole", "GetConnection", "Disconnect", "ListConnectionEvents"}
+)
 CREDENTIAL_RPCS = frozenset({"IssueCredentials", "WatchCredentials", "ReleaseCredentials"})
 GROUPS = {
     "connections": CONNECTION_RPCS,
@@ -38,6 +41,11 @@ class Caller:
 
 
 ANYONE_ON_LOOPBACK = Caller("anonymous@loopback", "none")
+# The caller of the RPC being handled (set per call by the service; tasks started while handling
+# it, such as an STS call, inherit it): who the audit trail names.
+CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar(
+    "caller", default=ANYONE_ON_LOOPBACK
+)
 
 
 def hash_token(token: str) -> str:

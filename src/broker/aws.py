@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,7 +18,8 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from broker.errors import RoleNotAssumable, TransientAwsError, Unavailable
+from broker.errors import BrokerError, RoleNotAssumable, TransientAwsError, Unavailable
+from broker.metrics import Metrics
 from broker.models import Credentials
 
 if TYPE_CHECKING:
@@ -78,6 +80,7 @@ class AwsClient:
         endpoint_url: str | None = None,
         static_credentials: tuple[str, str] | None = None,
         max_concurrency: int = 32,
+        metrics: Metrics | None = None,
     ) -> None:
         self._region = region
         self._endpoint_url = endpoint_url
@@ -90,6 +93,7 @@ class AwsClient:
         # At most this many AssumeRole calls at once: a burst of new runs, or renewals resuming
         # after an outage, queues here instead of hammering STS.
         self._sts_slots = asyncio.Semaphore(max_concurrency)
+        self._metrics = metrics or Metrics()
         self._sts: STSClient | None = None
 
     async def start(self) -> None:
@@ -131,8 +135,20 @@ class AwsClient:
         if request.tags:
             params["Tags"] = [{"Key": k, "Value": v} for k, v in request.tags.items()]
         async with self._sts_slots:
-            with translate_errors("sts:AssumeRole", request.role_arn):
-                answer = await self.sts.assume_role(**params)
+            started, outcome = time.perf_counter(), "abandoned"
+            try:
+                with translate_errors("sts:AssumeRole", request.role_arn):
+                    answer = await self.sts.assume_role(**params)
+                outcome = "ok"
+            except RoleNotAssumable:
+                outcome = "denied"
+                raise
+            except BrokerError:
+                outcome = "transient"
+                raise
+            finally:
+                self._metrics.sts_calls.labels(outcome).inc()
+                self._metrics.sts_seconds.observe(time.perf_counter() - started)
         issued = answer["Credentials"]
         return Credentials(
             access_key_id=issued["AccessKeyId"],

@@ -29,6 +29,7 @@ DEFAULT_MAX_PENDING_REQUESTS = 20_000
 DEFAULT_MAX_CALL_SECONDS = 60.0
 DEFAULT_RECHECK_INTERVAL = 30.0
 DEFAULT_STS_MAX_CONCURRENCY = 32
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
 
 
 class Settings(BaseSettings):
@@ -133,6 +134,11 @@ class Settings(BaseSettings):
     policy_file: FilePath | None = Field(
         None, description="The same policy as a TOML file of [[caller]] identity/rpcs/tenants."
     )
+    metrics_listen: str = Field(
+        DEFAULT_METRICS_LISTEN,
+        description="host:port of the Prometheus metrics endpoint (/metrics), or 'off'.",
+    )
+    log_format: str = Field("json", description="json (one object per line) or text.")
     health_listen: str | None = Field(
         None,
         description="Also serve grpc.health.v1 alone, in plaintext, on this host:port: for "
@@ -145,11 +151,18 @@ class Settings(BaseSettings):
         description="Longest a unary call without a deadline may run (streams are exempt).",
     )
 
-    @field_validator("listen", "health_listen")
+    @field_validator("listen", "health_listen", "metrics_listen")
     @classmethod
     def _check_listen(cls, value: str | None) -> str | None:
-        if value is not None:
+        if value is not None and value != "off":
             split_host_port(value)
+        return value
+
+    @field_validator("log_format")
+    @classmethod
+    def _check_log_format(cls, value: str) -> str:
+        if value not in ("json", "text"):
+            raise ValueError("must be json or text")
         return value
 
     @field_validator("token_hashes", mode="before")

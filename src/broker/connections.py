@@ -14,10 +14,11 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from broker import audit
 from broker.aws import AssumeRoleRequest, AwsClient
 from broker.credentials import run_request, session_policy_arns
 from broker.errors import AlreadyExists, NotActive, NotFound, RoleNotAssumable, VerificationFailed
-from broker.models import Check, Connection, Credentials, Grant, Status
+from broker.models import Check, Connection, Credentials, Event, Grant, Status
 from broker.store import ConnectionStore, StoreConflict, StoreUnavailable
 from broker.template import quick_create_url, stack_name
 from broker.trust import requires_external_id
@@ -99,7 +100,30 @@ class Connections:
         self._last_grants[tenant_id] = grant
         return grant
 
-    async def create(self, tenant_id: str, region: str) -> Connection:
+    async def _save(
+        self,
+        connection: Connection,
+        kind: str,
+        actor: str,
+        *,
+        new_external_id: bool = False,
+        checks: tuple[Check, ...] = (),
+        role_arn: str | None = None,
+    ) -> Connection:
+        """Store a change with its audit event, in one transaction; then log the event.
+        `role_arn`: the role the event is about, when not the connection's (a failed verify)."""
+        event = audit.connection_event(connection, kind, actor, checks)
+        if role_arn is not None:
+            event = replace(event, role_arn=role_arn)
+        saved = await self._store.save(connection, new_external_id=new_external_id, event=event)
+        audit.record(event)
+        return saved
+
+    async def events(self, tenant_id: str, limit: int) -> list[Event]:
+        await self.get(tenant_id)
+        return await self._store.events(tenant_id, limit)
+
+    async def create(self, tenant_id: str, region: str, actor: str) -> Connection:
         """A PENDING connection: the existing one (same external ID), or a new one."""
         for _ in range(STORE_RETRIES):
             current = await self._store.get(tenant_id)
@@ -112,9 +136,7 @@ class Connections:
                 if current is not None and current.status is Status.PENDING:
                     if not region or region == current.region:
                         return current
-                    return await self._store.save(
-                        replace(current, region=region), new_external_id=False
-                    )
+                    return await self._save(replace(current, region=region), "link_changed", actor)
                 fresh = Connection(
                     tenant_id=tenant_id,
                     status=Status.PENDING,
@@ -123,20 +145,21 @@ class Connections:
                     created_at=datetime.now(UTC),
                     version=current.version if current else 0,
                 )
-                return await self._store.save(fresh, new_external_id=True)
+                return await self._save(fresh, "created", actor, new_external_id=True)
             except StoreConflict:
                 continue
         raise StoreConflict(tenant_id)
 
-    async def disconnect(self, tenant_id: str) -> Connection:
+    async def disconnect(self, tenant_id: str, actor: str) -> Connection:
         for _ in range(STORE_RETRIES):
             current = await self.get(tenant_id)
             if current.status is Status.DISCONNECTED:
                 return current
             try:
-                saved = await self._store.save(
+                saved = await self._save(
                     replace(current, status=Status.DISCONNECTED, disconnected_at=datetime.now(UTC)),
-                    new_external_id=False,
+                    "disconnected",
+                    actor,
                 )
             except StoreConflict:
                 continue
@@ -144,7 +167,9 @@ class Connections:
             return saved
         raise StoreConflict(tenant_id)
 
-    async def verify(self, tenant_id: str, role_arn: str, time_left: float | None) -> Connection:
+    async def verify(
+        self, tenant_id: str, role_arn: str, time_left: float | None, actor: str
+    ) -> Connection:
         """Run every check on `role_arn`; activate the connection when all pass, else raise
         VerificationFailed with what to fix. `time_left` bounds the wait for a new role."""
         current = await self.get(tenant_id)
@@ -164,6 +189,7 @@ class Connections:
                     subject=tenant_id,
                 )
             changes: dict[str, Any] = {"checks": tuple(checks)}
+            kind = "verified" if passed else "verification_failed"
             if passed:
                 changes |= {
                     "status": Status.ACTIVE,
@@ -172,7 +198,13 @@ class Connections:
                     "verified_at": datetime.now(UTC),
                 }
             try:
-                saved = await self._store.save(replace(latest, **changes), new_external_id=False)
+                saved = await self._save(
+                    replace(latest, **changes),
+                    kind,
+                    actor,
+                    checks=tuple(checks),
+                    role_arn=role_arn,  # a failed one keeps its role; the event names the one tried
+                )
             except StoreConflict:
                 continue
             break

@@ -11,6 +11,8 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
+from broker import audit
+from broker.auth import CALLER
 from broker.aws import AssumeRoleRequest, AwsClient
 from broker.errors import RoleNotAssumable
 from broker.models import Credentials, Grant
@@ -56,10 +58,9 @@ class StsSource:
         self._policy_arns = tuple(policy_arns)
 
     async def get(self, grant: Grant) -> Credentials:
+        request = run_request(grant, self._duration, self._policy_arns)
         try:
-            return await self._aws.assume_role(
-                run_request(grant, self._duration, self._policy_arns)
-            )
+            credentials = await self._aws.assume_role(request)
         except RoleNotAssumable as refused:
             raise RoleNotAssumable(
                 f"the role {grant.role_arn} of tenant {grant.tenant_id!r} can no longer be "
@@ -68,6 +69,8 @@ class StsSource:
                 subject=grant.role_arn,
                 code=refused.code,
             ) from refused
+        audit.issued(grant, credentials, request.session_name, CALLER.get().identity)
+        return credentials
 
 
 def run_request(grant: Grant, duration: int, policy_arns: Sequence[str]) -> AssumeRoleRequest:

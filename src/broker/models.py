@@ -75,3 +75,16 @@ class Credentials:
     @property
     def lifetime(self) -> float:
         return (self.expiration - self.issued_at).total_seconds()
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change to a connection, for the audit trail: stored with the change itself."""
+
+    tenant_id: str
+    kind: str  # created, link_changed, verified, verification_failed, disconnected
+    at: datetime
+    actor: str
+    role_arn: str = ""
+    external_id: str = ""
+    checks: tuple[Check, ...] = ()

@@ -8,20 +8,23 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from broker import logs, wire
 from broker.auth import Guard, parse_token_hashes
 from broker.aws import AwsClient
 from broker.cache import CredentialCache
-from broker.config import ConfigError, Settings
+from broker.config import ConfigError, Settings, split_host_port
 from broker.connections import Connections
 from broker.connections import Settings as ConnectionSettings
 from broker.credentials import StsSource
 from broker.errors import BrokerError, ShuttingDown, StreamEnded
+from broker.metrics import Metrics
 from broker.service import CredentialBrokerService
 from broker.store import ConnectionStore, open_store
 from broker.streams import StreamHub
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["CredentialBroker"].full_name
 SWEEP_INTERVAL = 60.0
+CONNECTION_COUNT_INTERVAL = 10.0
 MAX_MESSAGE_BYTES = 64 * 1024  # requests are a few hundred bytes; anything larger is not ours
 
 
@@ -63,6 +67,12 @@ class Broker:
     sync: TenantSync
     _background: list[asyncio.Task[None]]
     health_server: grpc.aio.Server | None = None
+    metrics_server: WSGIServer | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.metrics_server is None else self.metrics_server.server_port
+
     _stopping: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = None) -> None:
@@ -79,6 +89,9 @@ class Broker:
         await self.server.stop(grace)
         if self.health_server is not None:
             await self.health_server.stop(0)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         for task in self._background:
             task.cancel()
         for task in self._background:
@@ -96,11 +109,13 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
             "BROKER_TEMPLATE_URL is required: the HTTPS URL where the customer's CloudFormation "
             "template (`broker template`) is published, e.g. in S3. `broker dev` sets one."
         )
+    metrics = Metrics()
     aws = AwsClient(
         region=settings.aws_region,
         endpoint_url=settings.aws_endpoint_url,
         static_credentials=static_credentials,
         max_concurrency=settings.sts_max_concurrency,
+        metrics=metrics,
     )
     await aws.start()
     try:
@@ -159,6 +174,7 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
             cache,
             hub,
             guard=guard,
+            metrics=metrics,
             refresh_margin=settings.refresh_margin,
             max_call_seconds=settings.max_call_seconds,
         ),
@@ -184,7 +200,9 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
         asyncio.create_task(_sweep_forever(cache), name="cache-sweeper"),
         asyncio.create_task(store.listen(sync.on_change, sync.on_missed), name="store-listener"),
         asyncio.create_task(sync.recheck_forever(settings.recheck_interval), name="recheck"),
+        asyncio.create_task(_count_connections(store, metrics), name="connection-counts"),
     ]
+    metrics.watch(cache, hub, settings.cache_max_entries)
     log.info(
         "serving",
         extra={
@@ -201,6 +219,9 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
     )
     if settings.health_listen is not None:
         broker.health_server = await _health_only(settings.health_listen, health_servicer)
+    if settings.metrics_listen != "off":
+        host, metrics_port = split_host_port(settings.metrics_listen)
+        broker.metrics_server, _ = start_http_server(metrics_port, host, metrics.registry)
     return broker
 
 
@@ -225,6 +246,14 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
         root_certificates=client_ca.read_bytes() if client_ca else None,
         require_client_auth=client_ca is not None,
     )
+
+
+async def _count_connections(store: ConnectionStore, metrics: Metrics) -> None:
+    """Connections by status, for the metrics, every so often (a scrape never waits on it)."""
+    while True:
+        with contextlib.suppress(BrokerError):  # the store is down: the last counts stand
+            metrics.connection_counts = await store.count_by_status()
+        await asyncio.sleep(CONNECTION_COUNT_INTERVAL)
 
 
 async def _sweep_forever(cache: CredentialCache) -> None:

@@ -20,7 +20,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from broker import validation
-from broker.auth import Guard
+from broker.auth import CALLER, Guard
 from broker.cache import CredentialCache
 from broker.connections import Connections, guidance
 from broker.errors import (
@@ -36,7 +36,8 @@ from broker.errors import (
     Unauthenticated,
     Unavailable,
 )
-from broker.models import Connection, Credentials, Status
+from broker.metrics import Metrics
+from broker.models import Check, Connection, Credentials, Status
 from broker.streams import StreamHub, watch
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc
@@ -56,6 +57,8 @@ STATUS_OF: tuple[tuple[type[BrokerError], grpc.StatusCode], ...] = (
     (Aborted, grpc.StatusCode.ABORTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
 )
+
+MAX_EVENTS = 100
 
 STATUS_PB = {
     Status.PENDING: pb.CONNECTION_STATUS_PENDING,
@@ -107,16 +110,21 @@ async def _report(context: grpc.aio.ServicerContext[Any, Any], method: str, exc:
 
 @contextlib.asynccontextmanager
 async def _handled(
-    guard: Guard, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    guard: Guard,
+    metrics: Metrics,
+    method: str,
+    request: Any,
+    context: grpc.aio.ServicerContext[Any, Any],
 ) -> AsyncIterator[dict[str, object]]:
     """Around every call: the caller is authenticated and authorised; errors become status
     (the one place that does); one log line with the caller and the request's ids only.
     Requests hold no secret; the responses of IssueCredentials and WatchCredentials do, so no
     message is ever logged whole. Yields extra fields to log."""
     started, code = time.perf_counter(), "OK"
-    fields: dict[str, object] = {}
+    fields: dict[str, object] = {"request_id": _request_id(context)}
     try:
         caller = guard.caller(context.auth_context(), context.invocation_metadata())
+        CALLER.set(caller)
         fields["caller"] = caller.identity
         if isinstance(request, Malformed):
             raise InvalidArgument("request", f"is not a valid {request.type_name} message")
@@ -130,6 +138,9 @@ async def _handled(
         await _report(context, method, exc)
         raise
     finally:
+        elapsed = time.perf_counter() - started
+        metrics.rpcs.labels(method, code).inc()
+        metrics.rpc_seconds.labels(method).observe(elapsed)
         log.info(
             "rpc",
             extra={
@@ -137,10 +148,18 @@ async def _handled(
                 "code": code,
                 "tenant": getattr(request, "tenant_id", ""),
                 "run": getattr(request, "run_id", ""),
-                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                "latency_ms": round(elapsed * 1000, 2),
                 **fields,
             },
         )
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The caller's x-request-id (to correlate with its logs), else a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 64:
+            return value.encode("ascii", "replace").decode()
+    return uuid.uuid4().hex
 
 
 def unary(handler: Handler) -> Handler:
@@ -148,7 +167,7 @@ def unary(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def wrapper(self: CredentialBrokerService, request: Any, context: Any) -> Any:
-        async with _handled(self.guard, handler.__name__, request, context):
+        async with _handled(self.guard, self.metrics, handler.__name__, request, context):
             limit = self.max_call_seconds if context.time_remaining() is None else None
             try:
                 async with asyncio.timeout(limit):
@@ -169,7 +188,7 @@ def streaming(handler: Handler) -> Handler:
         self: CredentialBrokerService, request: Any, context: Any
     ) -> AsyncIterator[Any]:
         sent = 0
-        async with _handled(self.guard, handler.__name__, request, context) as fields:
+        async with _handled(self.guard, self.metrics, handler.__name__, request, context) as fields:
             async for message in handler(self, request, context):
                 yield message
                 sent += 1
@@ -190,6 +209,10 @@ def _timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(moment)
     return stamp
+
+
+def _checks_pb(checks: tuple[Check, ...]) -> list[pb.Check]:
+    return [pb.Check(name=c.name, passed=c.passed, detail=c.detail) for c in checks]
 
 
 def credentials_pb(credentials: Credentials, region: str) -> pb.Credentials:
@@ -213,6 +236,7 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         hub: StreamHub,
         *,
         guard: Guard,
+        metrics: Metrics,
         refresh_margin: float,
         max_call_seconds: float,
     ) -> None:
@@ -221,6 +245,7 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         self._hub = hub
         self._refresh_margin = refresh_margin
         self.guard = guard
+        self.metrics = metrics
         self.max_call_seconds = max_call_seconds
 
     def connection_pb(self, connection: Connection) -> pb.Connection:
@@ -237,9 +262,7 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
             created_at=_timestamp(connection.created_at),
             verified_at=_timestamp(connection.verified_at),
             disconnected_at=_timestamp(connection.disconnected_at),
-            checks=[
-                pb.Check(name=c.name, passed=c.passed, detail=c.detail) for c in connection.checks
-            ],
+            checks=_checks_pb(connection.checks),
             region=connection.region,
             guidance=guidance(connection, settings.session_duration),
         )
@@ -250,7 +273,7 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
     ) -> pb.CreateConnectionResponse:
         tenant_id = validation.field("tenant_id", request.tenant_id)
         region = validation.field("region", request.region, optional=True)
-        connection = await self._connections.create(tenant_id, region)
+        connection = await self._connections.create(tenant_id, region, CALLER.get().identity)
         return pb.CreateConnectionResponse(connection=self.connection_pb(connection))
 
     @unary
@@ -261,7 +284,10 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         role_arn = validation.field("role_arn", request.role_arn)
         time_left = context.time_remaining()
         connection = await self._connections.verify(
-            tenant_id, role_arn, self.max_call_seconds if time_left is None else time_left
+            tenant_id,
+            role_arn,
+            self.max_call_seconds if time_left is None else time_left,
+            CALLER.get().identity,
         )
         return pb.VerifyRoleResponse(connection=self.connection_pb(connection))
 
@@ -302,6 +328,9 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
                 yield pb.WatchCredentialsResponse(
                     credentials=credentials_pb(credentials, grant.region)
                 )
+                if subscription.sent:
+                    self.metrics.renewals.labels("ok").inc()
+                subscription.sent += 1
         finally:
             self._hub.unsubscribe(subscription)
 
@@ -322,5 +351,28 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         self, request: pb.DisconnectRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.DisconnectResponse:
         tenant_id = validation.field("tenant_id", request.tenant_id)
-        connection = await self._connections.disconnect(tenant_id)
+        connection = await self._connections.disconnect(tenant_id, CALLER.get().identity)
         return pb.DisconnectResponse(connection=self.connection_pb(connection))
+
+    @unary
+    async def ListConnectionEvents(
+        self, request: pb.ListConnectionEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListConnectionEventsResponse:
+        tenant_id = validation.field("tenant_id", request.tenant_id)
+        if not 0 <= request.page_size <= MAX_EVENTS:
+            raise InvalidArgument("page_size", f"must be 1-{MAX_EVENTS}, or 0 for 20")
+        events = await self._connections.events(tenant_id, request.page_size or 20)
+        return pb.ListConnectionEventsResponse(
+            events=[
+                pb.ConnectionEvent(
+                    tenant_id=e.tenant_id,
+                    kind=e.kind,
+                    at=_timestamp(e.at),
+                    actor=e.actor,
+                    role_arn=e.role_arn,
+                    external_id=e.external_id,
+                    checks=_checks_pb(e.checks),
+                )
+                for e in events
+            ]
+        )

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from broker.errors import Aborted, Unavailable
-from broker.models import Connection
+from broker.models import Connection, Event
 
 
 class StoreConflict(Aborted):
@@ -26,16 +26,27 @@ class ConnectionStore(Protocol):
         """The tenant's connection, or None."""
         ...
 
-    async def save(self, connection: Connection, *, new_external_id: bool) -> Connection:
+    async def save(
+        self, connection: Connection, *, new_external_id: bool, event: Event | None = None
+    ) -> Connection:
         """Store `connection` if the stored version is still `connection.version` (0: none
         stored). Returns it with the next version. With `new_external_id`, the external ID is
         recorded as used and must never have been used before. Raises StoreConflict otherwise.
-        Every replica listening is told the tenant changed."""
+        `event` is stored in the same transaction. Every replica listening is told the tenant
+        changed."""
+        ...
+
+    async def events(self, tenant_id: str, limit: int) -> list[Event]:
+        """The tenant's most recent events, newest first."""
         ...
 
     async def listen(self, on_change: Callable[[str], None], on_missed: Callable[[], None]) -> None:
         """Until cancelled: call `on_change(tenant_id)` for every change another replica saves,
         and `on_missed()` after an interruption in which changes may have been missed."""
+        ...
+
+    async def count_by_status(self) -> dict[str, int]:
+        """How many connections are in each status (for the metrics)."""
         ...
 
     async def close(self) -> None: ...

@@ -18,9 +18,16 @@ from typing import Any
 
 import asyncpg
 
-from broker.models import Connection
+from broker.models import Connection, Event
 from broker.store import StoreConflict, StoreUnavailable
-from broker.store.rows import COLUMNS, from_row, to_row
+from broker.store.rows import (
+    COLUMNS,
+    EVENT_COLUMNS,
+    event_from_row,
+    event_row,
+    from_row,
+    to_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,19 @@ MIGRATIONS = (
         tenant_id   TEXT NOT NULL,
         used_at     TIMESTAMPTZ NOT NULL
     );
+    """,
+    """
+    CREATE TABLE connection_events (
+        id          BIGSERIAL PRIMARY KEY,
+        tenant_id   TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        at          TIMESTAMPTZ NOT NULL,
+        actor       TEXT NOT NULL,
+        role_arn    TEXT NOT NULL,
+        external_id TEXT NOT NULL,
+        checks      TEXT NOT NULL
+    );
+    CREATE INDEX connection_events_by_tenant ON connection_events (tenant_id, id);
     """,
 )
 
@@ -110,7 +130,19 @@ class PostgresStore:
             )
         return None if row is None else from_row(row)
 
-    async def save(self, connection: Connection, *, new_external_id: bool) -> Connection:
+    async def events(self, tenant_id: str, limit: int) -> list[Event]:
+        async with self._connection() as db:
+            rows = await db.fetch(
+                f"SELECT {EVENT_COLUMNS} FROM connection_events "  # noqa: S608 - constant
+                "WHERE tenant_id = $1 ORDER BY id DESC LIMIT $2",
+                tenant_id,
+                limit,
+            )
+        return [event_from_row(row) for row in rows]
+
+    async def save(
+        self, connection: Connection, *, new_external_id: bool, event: Event | None = None
+    ) -> Connection:
         saved = replace(connection, version=connection.version + 1)
         columns = COLUMNS.split(", ")
         async with self._connection() as db, db.transaction():
@@ -142,8 +174,19 @@ class PostgresStore:
                 )
                 if inserted is None:
                     raise StoreConflict(connection.tenant_id)
+            if event is not None:
+                await db.execute(
+                    f"INSERT INTO connection_events ({EVENT_COLUMNS}) "  # noqa: S608 - constant
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    *event_row(event),
+                )
             await db.execute("SELECT pg_notify($1, $2)", CHANNEL, connection.tenant_id)
         return saved
+
+    async def count_by_status(self) -> dict[str, int]:
+        async with self._connection() as db:
+            rows = await db.fetch("SELECT status, count(*) FROM connections GROUP BY status")
+        return {row[0]: row[1] for row in rows}
 
     async def listen(self, on_change: Callable[[str], None], on_missed: Callable[[], None]) -> None:
         first = True

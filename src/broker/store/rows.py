@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from broker.models import Check, Connection, Status
+from broker.models import Check, Connection, Event, Status
 
 COLUMNS = (
     "tenant_id, status, external_id, region, role_arn, account_id, "
@@ -59,4 +59,31 @@ def from_row(
         disconnected_at=read(row[8]),
         checks=tuple(Check(name, bool(ok), detail) for name, ok, detail in json.loads(row[9])),
         version=row[10],
+    )
+
+
+EVENT_COLUMNS = "tenant_id, kind, at, actor, role_arn, external_id, checks"
+
+
+def event_row(e: Event, keep_time: Callable[[datetime], Any] = lambda t: t) -> tuple[Any, ...]:
+    return (
+        e.tenant_id,
+        e.kind,
+        keep_time(e.at),
+        e.actor,
+        e.role_arn,
+        e.external_id,
+        json.dumps([[k.name, k.passed, k.detail] for k in e.checks]),
+    )
+
+
+def event_from_row(row: Any, read_time: Callable[[Any], datetime] = lambda t: t) -> Event:
+    return Event(
+        tenant_id=row[0],
+        kind=row[1],
+        at=read_time(row[2]),
+        actor=row[3],
+        role_arn=row[4],
+        external_id=row[5],
+        checks=tuple(Check(name, bool(ok), detail) for name, ok, detail in json.loads(row[6])),
     )

@@ -16,9 +16,16 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
-from broker.models import Connection
+from broker.models import Connection, Event
 from broker.store import StoreConflict
-from broker.store.rows import COLUMNS, from_row, to_row
+from broker.store.rows import (
+    COLUMNS,
+    EVENT_COLUMNS,
+    event_from_row,
+    event_row,
+    from_row,
+    to_row,
+)
 
 T = TypeVar("T")
 
@@ -44,6 +51,19 @@ MIGRATIONS = (
         used_at     TEXT NOT NULL
     );
     """,
+    """
+    CREATE TABLE connection_events (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant_id   TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        at          TEXT NOT NULL,
+        actor       TEXT NOT NULL,
+        role_arn    TEXT NOT NULL,
+        external_id TEXT NOT NULL,
+        checks      TEXT NOT NULL
+    );
+    CREATE INDEX connection_events_by_tenant ON connection_events (tenant_id, id);
+    """,
 )
 
 
@@ -63,9 +83,29 @@ class SqliteStore:
         row = await self._run(_select, tenant_id)
         return None if row is None else from_row(row, datetime.fromisoformat)
 
-    async def save(self, connection: Connection, *, new_external_id: bool) -> Connection:
-        saved: Connection = await self._run(_save, connection, new_external_id)
+    async def save(
+        self, connection: Connection, *, new_external_id: bool, event: Event | None = None
+    ) -> Connection:
+        saved: Connection = await self._run(_save, connection, new_external_id, event)
         return saved
+
+    async def events(self, tenant_id: str, limit: int) -> list[Event]:
+        rows = await self._run(
+            lambda db: db.execute(
+                f"SELECT {EVENT_COLUMNS} FROM connection_events "  # noqa: S608 - constant
+                "WHERE tenant_id = ? ORDER BY id DESC LIMIT ?",
+                (tenant_id, limit),
+            ).fetchall()
+        )
+        return [event_from_row(row, datetime.fromisoformat) for row in rows]
+
+    async def count_by_status(self) -> dict[str, int]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT status, count(*) FROM connections GROUP BY status"
+            ).fetchall()
+        )
+        return {status: count for status, count in rows}
 
     async def listen(self, on_change: Callable[[str], None], on_missed: Callable[[], None]) -> None:
         """One SQLite file serves one replica: nobody else changes it, nothing to hear."""
@@ -115,7 +155,9 @@ def _select(db: sqlite3.Connection, tenant_id: str) -> tuple[Any, ...] | None:
     return row
 
 
-def _save(db: sqlite3.Connection, connection: Connection, new_external_id: bool) -> Connection:
+def _save(
+    db: sqlite3.Connection, connection: Connection, new_external_id: bool, event: Event | None
+) -> Connection:
     saved = replace(connection, version=connection.version + 1)
     with _transaction(db):
         row = db.execute(
@@ -136,4 +178,10 @@ def _save(db: sqlite3.Connection, connection: Connection, new_external_id: bool)
             "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             to_row(saved, datetime.isoformat),
         )
+        if event is not None:
+            db.execute(
+                f"INSERT INTO connection_events ({EVENT_COLUMNS}) "  # noqa: S608 - constant
+                "VALUES (?,?,?,?,?,?,?)",
+                event_row(event, datetime.isoformat),
+            )
     return saved

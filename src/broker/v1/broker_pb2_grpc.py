@@ -70,6 +70,11 @@ class CredentialBrokerStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.DisconnectRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.DisconnectResponse.FromString,
                 _registered_method=True)
+        self.ListConnectionEvents = channel.unary_unary(
+                '/broker.v1.CredentialBroker/ListConnectionEvents',
+                request_serializer=broker_dot_v1_dot_broker__pb2.ListConnectionEventsRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.ListConnectionEventsResponse.FromString,
+                _registered_method=True)
 
 
 class CredentialBrokerServicer:
@@ -126,6 +131,13 @@ class CredentialBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListConnectionEvents(self, request, context):
+        """ListConnectionEvents returns a tenant's connection changes, newest first: the audit trail.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CredentialBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +175,11 @@ def add_CredentialBrokerServicer_to_server(servicer, server):
                     servicer.Disconnect,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.DisconnectRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.DisconnectResponse.SerializeToString,
+            ),
+            'ListConnectionEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConnectionEvents,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.ListConnectionEventsRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.ListConnectionEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +372,33 @@ class CredentialBroker:
             '/broker.v1.CredentialBroker/Disconnect',
             broker_dot_v1_dot_broker__pb2.DisconnectRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.DisconnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConnectionEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.CredentialBroker/ListConnectionEvents',
+            broker_dot_v1_dot_broker__pb2.ListConnectionEventsRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.ListConnectionEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,8 @@ class CredentialBrokerStub:
     """ReleaseCredentials ends a run: drops its cached credentials and ends its streams."""
     Disconnect: _grpc.UnaryUnaryMultiCallable[_broker_pb2.DisconnectRequest, _broker_pb2.DisconnectResponse]
     """Disconnect stops issuing for a tenant, clears its cache and streams on every replica."""
+    ListConnectionEvents: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListConnectionEventsRequest, _broker_pb2.ListConnectionEventsResponse]
+    """ListConnectionEvents returns a tenant's connection changes, newest first: the audit trail."""
 
 @_typing.type_check_only
 class CredentialBrokerAsyncStub(CredentialBrokerStub):
@@ -75,6 +77,8 @@ class CredentialBrokerAsyncStub(CredentialBrokerStub):
     """ReleaseCredentials ends a run: drops its cached credentials and ends its streams."""
     Disconnect: _aio.UnaryUnaryMultiCallable[_broker_pb2.DisconnectRequest, _broker_pb2.DisconnectResponse]  # type: ignore[assignment]
     """Disconnect stops issuing for a tenant, clears its cache and streams on every replica."""
+    ListConnectionEvents: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListConnectionEventsRequest, _broker_pb2.ListConnectionEventsResponse]  # type: ignore[assignment]
+    """ListConnectionEvents returns a tenant's connection changes, newest first: the audit trail."""
 
 class CredentialBrokerServicer(metaclass=_abc_1.ABCMeta):
     """CredentialBroker connects a tenant's AWS account once and then issues per-run credentials."""
@@ -136,5 +140,13 @@ class CredentialBrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.DisconnectResponse, _abc.Awaitable[_broker_pb2.DisconnectResponse]]:
         """Disconnect stops issuing for a tenant, clears its cache and streams on every replica."""
+
+    @_abc_1.abstractmethod
+    def ListConnectionEvents(
+        self,
+        request: _broker_pb2.ListConnectionEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListConnectionEventsResponse, _abc.Awaitable[_broker_pb2.ListConnectionEventsResponse]]:
+        """ListConnectionEvents returns a tenant's connection changes, newest first: the audit trail."""
 
 def add_CredentialBrokerServicer_to_server(servicer: CredentialBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

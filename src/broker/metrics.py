@@ -1,0 +1,110 @@
+"""Prometheus metrics (one registry per broker), served on BROKER_METRICS_LISTEN.
+
+Labels are bounded: method, status code, outcome, connection status. Never a tenant, a run, an
+ARN or a key: those belong in logs and audit events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from broker.cache import CredentialCache
+    from broker.streams import StreamHub
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """What the broker counts. Components record through the attributes; the cache, the
+    streams and the connection counts are read at scrape time (`watch`)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.rpcs = Counter(
+            "broker_rpcs",
+            "RPCs handled, by method and status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.rpc_seconds = Histogram(
+            "broker_rpc_duration_seconds",
+            "Time to answer a unary RPC (streams: to end).",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.sts_calls = Counter(
+            "broker_sts_calls",
+            "sts:AssumeRole calls, by outcome (ok, denied, transient).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.sts_seconds = Histogram(
+            "broker_sts_duration_seconds",
+            "Time sts:AssumeRole took, retries included.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.renewals = Counter(
+            "broker_stream_renewals",
+            "Renewals sent on streams, by outcome (ok, retrying).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.connection_counts: dict[str, int] = {}
+
+    def watch(
+        self,
+        cache: CredentialCache,
+        hub: StreamHub,
+        max_entries: int,
+    ) -> None:
+        """Read the cache and streams at every scrape."""
+        self.registry.register(_Live(cache, hub, max_entries, lambda: self.connection_counts))
+
+
+class _Live(Collector):
+    def __init__(
+        self,
+        cache: CredentialCache,
+        hub: StreamHub,
+        max_entries: int,
+        connections: Callable[[], dict[str, int]],
+    ) -> None:
+        self._cache, self._hub, self._max = cache, hub, max_entries
+        self._connections = connections
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._cache.stats
+        for name, value, text in (
+            ("broker_cache_hits", stats.hits, "IssueCredentials/Watch answers from the cache."),
+            ("broker_cache_misses", stats.misses, "Cache lookups that went to STS."),
+            ("broker_cache_evictions", stats.evictions, "Entries evicted by the size bound."),
+            (
+                "broker_cache_stale_served",
+                stats.stale_served,
+                "Still-valid credentials served because renewal failed transiently.",
+            ),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
+        yield GaugeMetricFamily(
+            "broker_cache_entries", "Runs in the cache.", value=len(self._cache)
+        )
+        yield GaugeMetricFamily("broker_cache_max_entries", "The cache's bound.", value=self._max)
+        yield GaugeMetricFamily(
+            "broker_streams_active", "Open WatchCredentials streams.", value=len(self._hub)
+        )
+        by_status = GaugeMetricFamily(
+            "broker_connections",
+            "Connections in the store, by status (refreshed periodically).",
+            labels=["status"],
+        )
+        for status, count in sorted(self._connections().items()):
+            by_status.add_metric([status], count)
+        yield by_status
