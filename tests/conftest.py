@@ -3,10 +3,12 @@ broker (grpc.aio server on 127.0.0.1:<free port>) in the test's event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
 import re
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -159,6 +161,17 @@ async def stored_bytes(database_url: str) -> bytes:
     finally:
         await connection.close()
     return repr([tuple(r) for r in rows]).encode()
+
+
+async def metrics_text(running: Running) -> str:
+    """GET /metrics as Prometheus would, from another thread (the broker's loop keeps running)."""
+    url = f"http://127.0.0.1:{running.broker.metrics_port}/metrics"
+
+    def get() -> str:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return str(answer.read().decode())
+
+    return await asyncio.to_thread(get)
 
 
 @dataclass

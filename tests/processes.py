@@ -33,6 +33,11 @@ class BrokerProcess:
             time.sleep(0.05)
         return found
 
+    def wait_serving(self) -> int:
+        """The gRPC port, from the `serving` log line (JSON or text)."""
+        found = self.wait_for(r'"serving".*?"port": (\d+)|serving .*port=(\d+)')
+        return int(found[1] or found[2])
+
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=30)

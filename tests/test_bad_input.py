@@ -48,12 +48,22 @@ for rpc, request, fields in [
     ("WatchCredentials", pb.WatchCredentialsRequest, ["tenant_id", "run_id"]),
     ("ReleaseCredentials", pb.ReleaseCredentialsRequest, ["tenant_id", "run_id"]),
     ("Disconnect", pb.DisconnectRequest, ["tenant_id"]),
+    ("ListConnectionEvents", pb.ListConnectionEventsRequest, ["tenant_id"]),
 ]:
     for broken in fields:
         values = BAD_ROLE_ARNS if broken == "role_arn" else BAD_IDS
         CASES.append((rpc, request, {f: GOOD[f] for f in fields}, broken, values))
 CASES.append(
     ("CreateConnection", pb.CreateConnectionRequest, {"tenant_id": "acme"}, "region", BAD_REGIONS)
+)
+CASES.append(
+    (
+        "ListConnectionEvents",
+        pb.ListConnectionEventsRequest,
+        {"tenant_id": "acme"},
+        "page_size",
+        [-1, 101, 2**31 - 1],  # type: ignore[list-item]
+    )
 )
 
 

@@ -289,7 +289,7 @@ async def served(
         process = BrokerProcess(
             ["serve"], serve_env(faulty, broker_identity), tmp_path / f"serve-{len(started)}.log"
         )
-        port = process.wait_for(r"serving .*port=(\d+)")[1]
+        port = process.wait_serving()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         started.append((process, channel))
         return process, broker_pb2_grpc.CredentialBrokerStub(channel)

@@ -26,7 +26,7 @@ RECHECK_INTERVAL = 2.0
 class Replica(BrokerProcess):
     def __init__(self, name: str, env: dict[str, str], folder: Path) -> None:
         super().__init__(["serve"], env, folder / f"{name}.log")
-        port = self.wait_for(r"serving .*port=(\d+)")[1]
+        port = self.wait_serving()
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         self.stub = broker_pb2_grpc.CredentialBrokerStub(self.channel)
 
@@ -126,4 +126,4 @@ async def test_a_lost_notification_is_made_up_for(
         await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
         await admin.close()
     # The listener comes back by itself (and re-checks every tenant it holds).
-    b.wait_for(r"(?s)not listening for changes; retrying.*listening for changes\n", timeout=15)
+    b.wait_for(r'(?s)not listening for changes; retrying.*listening for changes["\n]', timeout=15)

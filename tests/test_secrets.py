@@ -14,7 +14,7 @@ from broker.emulator import LocalAws
 from broker.logs import FieldsFormatter
 from broker.models import Credentials
 from broker.v1 import broker_pb2 as pb
-from tests.conftest import Running, connect, stored_bytes
+from tests.conftest import Running, connect, metrics_text, stored_bytes
 
 
 @pytest.fixture
@@ -58,6 +58,8 @@ async def test_secrets_stay_out_of_logs_errors_and_storage(
     errors.append(f"{refused.value.details()} {refused.value.debug_error_string()}")
 
     logged = debug_log.getvalue()
+    metrics_output = (await metrics_text(running)).encode()
+    assert b"broker_rpcs_total" in metrics_output
     assert "method=IssueCredentials" in logged, "the log was captured"
     assert "DEBUG" in logged
     database = await stored_bytes(running.database_url)
@@ -67,6 +69,7 @@ async def test_secrets_stay_out_of_logs_errors_and_storage(
             assert secret
             assert secret not in logged
             assert secret.encode() not in database
+            assert secret.encode() not in metrics_output
             assert all(secret not in error for error in errors)
 
 

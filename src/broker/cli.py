@@ -22,6 +22,7 @@ DEV_BANNER = """\
  broker (gRPC, plaintext, loopback): {listen}
  connections database:               {database}
  broker's identity (emulated):       {principal}
+ metrics (Prometheus):               {metrics}
 
  Walk the flow with grpcurl (see README):
    grpcurl -plaintext -d '{{"tenant_id":"acme"}}' {listen} \\
@@ -86,7 +87,7 @@ def _serve() -> None:
     from broker.server import serve
 
     settings = load_settings()
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
 
 
@@ -119,8 +120,10 @@ def _dev(aws_port: int) -> None:
         # The emulator forgets everything when it stops; so does the development database.
         folder = tempfile.mkdtemp(prefix="broker-dev-")
         overrides["database_url"] = f"sqlite:///{folder}/broker.db"
+    # A newcomer reads the console: plain lines unless BROKER_LOG_FORMAT says otherwise.
+    overrides.setdefault("log_format", os.environ.get("BROKER_LOG_FORMAT", "text"))
     settings = load_settings(**overrides)
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
 
     def banner(broker: Broker) -> None:
         host = settings.listen.rpartition(":")[0]
@@ -130,6 +133,9 @@ def _dev(aws_port: int) -> None:
                 listen=f"{host}:{broker.port}",
                 database=settings.database_url,
                 principal=identity.arn,
+                metrics=f"http://{host}:{broker.metrics_port}/metrics"
+                if broker.metrics_port
+                else "off",
             ),
             file=sys.stderr,
             flush=True,

@@ -57,16 +57,16 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
-        self.connection_counts: dict[str, int] = {}
 
     def watch(
         self,
         cache: CredentialCache,
         hub: StreamHub,
         max_entries: int,
+        count_connections: Callable[[], dict[str, int]],
     ) -> None:
-        """Read the cache and streams at every scrape."""
-        self.registry.register(_Live(cache, hub, max_entries, lambda: self.connection_counts))
+        """Read the cache, the streams and the store's counts at every scrape."""
+        self.registry.register(_Live(cache, hub, max_entries, count_connections))
 
 
 class _Live(Collector):
@@ -102,7 +102,7 @@ class _Live(Collector):
         )
         by_status = GaugeMetricFamily(
             "broker_connections",
-            "Connections in the store, by status (refreshed periodically).",
+            "Connections in the store, by status.",
             labels=["status"],
         )
         for status, count in sorted(self._connections().items()):

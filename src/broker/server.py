@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["CredentialBroker"].full_name
 SWEEP_INTERVAL = 60.0
-CONNECTION_COUNT_INTERVAL = 10.0
+SCRAPE_STORE_TIMEOUT = 1.0
 MAX_MESSAGE_BYTES = 64 * 1024  # requests are a few hundred bytes; anything larger is not ours
 
 
@@ -200,9 +200,18 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
         asyncio.create_task(_sweep_forever(cache), name="cache-sweeper"),
         asyncio.create_task(store.listen(sync.on_change, sync.on_missed), name="store-listener"),
         asyncio.create_task(sync.recheck_forever(settings.recheck_interval), name="recheck"),
-        asyncio.create_task(_count_connections(store, metrics), name="connection-counts"),
     ]
-    metrics.watch(cache, hub, settings.cache_max_entries)
+    loop = asyncio.get_running_loop()
+
+    def count_connections() -> dict[str, int]:
+        """From the scrape's thread: ask the store on the broker's loop, briefly."""
+        try:
+            counts = asyncio.run_coroutine_threadsafe(store.count_by_status(), loop)
+            return counts.result(timeout=SCRAPE_STORE_TIMEOUT)
+        except Exception:  # the store is down or slow: the scrape goes on without the counts
+            return {}
+
+    metrics.watch(cache, hub, settings.cache_max_entries, count_connections)
     log.info(
         "serving",
         extra={
@@ -246,14 +255,6 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
         root_certificates=client_ca.read_bytes() if client_ca else None,
         require_client_auth=client_ca is not None,
     )
-
-
-async def _count_connections(store: ConnectionStore, metrics: Metrics) -> None:
-    """Connections by status, for the metrics, every so often (a scrape never waits on it)."""
-    while True:
-        with contextlib.suppress(BrokerError):  # the store is down: the last counts stand
-            metrics.connection_counts = await store.count_by_status()
-        await asyncio.sleep(CONNECTION_COUNT_INTERVAL)
 
 
 async def _sweep_forever(cache: CredentialCache) -> None:

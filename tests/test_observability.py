@@ -1,0 +1,194 @@
+"""What the on-call engineer and the security reviewer see: metrics scraped over HTTP, one JSON
+log line per RPC, and the audit trail (stored events and audit log lines), none holding a secret."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker.emulator import LocalAws
+from broker.logs import JsonFormatter
+from broker.v1 import broker_pb2 as pb
+from tests.conftest import Running, metrics_text
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(running: Running) -> Samples:
+    text = await metrics_text(running)
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    sink = io.StringIO()
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield sink
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+async def test_metrics_follow_the_flow(running: Running, local_aws: LocalAws, tenant: str) -> None:
+    before = await scrape(running)
+    stub = running.stub
+    created = await stub.CreateConnection(pb.CreateConnectionRequest(tenant_id=tenant))
+    role_arn = local_aws.create_customer_stack(created.connection.quick_create_url)
+    await stub.VerifyRole(pb.VerifyRoleRequest(tenant_id=tenant, role_arn=role_arn))
+    for _ in range(3):
+        await stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="r"))
+    stream = stub.WatchCredentials(pb.WatchCredentialsRequest(tenant_id=tenant, run_id="w"))
+    await stream.read()
+    during = await scrape(running)
+    await stub.Disconnect(pb.DisconnectRequest(tenant_id=tenant))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stream.read()
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="r"))
+    await asyncio.sleep(0.1)
+    after = await scrape(running)
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("broker_rpcs_total", method="IssueCredentials", code="OK") == 3
+    assert grew("broker_rpcs_total", method="IssueCredentials", code="FAILED_PRECONDITION") == 1
+    assert grew("broker_rpcs_total", method="WatchCredentials", code="FAILED_PRECONDITION") == 1
+    assert grew("broker_rpcs_total", method="VerifyRole", code="OK") == 1
+    assert grew("broker_rpc_duration_seconds_count", method="IssueCredentials") == 4
+    assert grew("broker_cache_hits_total") == 2
+    assert grew("broker_cache_misses_total") == 2  # run r once, stream w once
+    assert grew("broker_sts_calls_total", outcome="ok") == 3  # + the verification's probe
+    assert grew("broker_sts_calls_total", outcome="denied") == 1  # probe without external ID
+    assert value(during, "broker_streams_active") == 1
+    assert value(after, "broker_streams_active") == 0
+    assert value(during, "broker_cache_entries") >= 2
+    assert value(after, "broker_connections", status="DISCONNECTED") >= 1
+    labels = {label for (_, pairs) in after for label, _ in pairs}
+    assert labels <= {"method", "code", "outcome", "status", "le"}, "bounded labels only"
+
+
+async def test_every_rpc_is_one_json_log_line(
+    running: Running, local_aws: LocalAws, tenant: str, json_log: io.StringIO
+) -> None:
+    stub = running.stub
+    created = await stub.CreateConnection(
+        pb.CreateConnectionRequest(tenant_id=tenant), metadata=(("x-request-id", "req-42"),)
+    )
+    role_arn = local_aws.create_customer_stack(created.connection.quick_create_url)
+    await stub.VerifyRole(pb.VerifyRoleRequest(tenant_id=tenant, role_arn=role_arn))
+    await stub.GetConnection(pb.GetConnectionRequest(tenant_id=tenant))
+    await stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="r"))
+    await stub.ReleaseCredentials(pb.ReleaseCredentialsRequest(tenant_id=tenant, run_id="r"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.GetConnection(pb.GetConnectionRequest(tenant_id="-bad-"))
+    await stub.Disconnect(pb.DisconnectRequest(tenant_id=tenant))
+    await stub.ListConnectionEvents(pb.ListConnectionEventsRequest(tenant_id=tenant))
+
+    entries = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    rpcs = [e for e in entries if e["logger"] == "broker.service"]
+    assert [(e["method"], e["code"]) for e in rpcs] == [
+        ("CreateConnection", "OK"),
+        ("VerifyRole", "OK"),
+        ("GetConnection", "OK"),
+        ("IssueCredentials", "OK"),
+        ("ReleaseCredentials", "OK"),
+        ("GetConnection", "INVALID_ARGUMENT"),
+        ("Disconnect", "OK"),
+        ("ListConnectionEvents", "OK"),
+    ]
+    for entry in rpcs:
+        assert {
+            "time",
+            "level",
+            "method",
+            "code",
+            "tenant",
+            "run",
+            "caller",
+            "latency_ms",
+            "request_id",
+        } <= set(entry)
+        assert entry["caller"] == "anonymous@loopback"
+    assert rpcs[0]["request_id"] == "req-42", "the caller's request id is kept"
+    assert len({e["request_id"] for e in rpcs}) == len(rpcs)
+
+
+async def test_audit_trail_is_complete_and_holds_no_secret(
+    running: Running, local_aws: LocalAws, tenant: str, json_log: io.StringIO
+) -> None:
+    stub = running.stub
+    created = await stub.CreateConnection(pb.CreateConnectionRequest(tenant_id=tenant))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.VerifyRole(
+            pb.VerifyRoleRequest(tenant_id=tenant, role_arn="arn:aws:iam::222222222222:role/nope")
+        )
+    role_arn = local_aws.create_customer_stack(created.connection.quick_create_url)
+    await stub.VerifyRole(pb.VerifyRoleRequest(tenant_id=tenant, role_arn=role_arn))
+    issued = (
+        await stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="run-7"))
+    ).credentials
+    await stub.Disconnect(pb.DisconnectRequest(tenant_id=tenant))
+
+    events = (
+        await stub.ListConnectionEvents(pb.ListConnectionEventsRequest(tenant_id=tenant))
+    ).events
+    assert [e.kind for e in events] == [
+        "disconnected",
+        "verified",
+        "verification_failed",
+        "created",
+    ]
+    assert all(e.actor == "anonymous@loopback" for e in events)
+    assert all(e.external_id == created.connection.external_id for e in events)
+    assert events[2].role_arn.endswith("role/nope")
+    assert not all(c.passed for c in events[2].checks)
+    assert all(c.passed for c in events[1].checks)
+    assert events[1].role_arn == role_arn
+    newest = await stub.ListConnectionEvents(
+        pb.ListConnectionEventsRequest(tenant_id=tenant, page_size=1)
+    )
+    assert [e.kind for e in newest.events] == ["disconnected"]
+
+    audit = [
+        json.loads(line)
+        for line in json_log.getvalue().splitlines()
+        if json.loads(line)["logger"] == "broker.audit"
+    ]
+    issuance = [a for a in audit if a["audit"] == "credentials_issued" and a.get("run") == "run-7"]
+    assert len(issuance) == 1
+    assert issuance[0]["access_key_id"] == issued.access_key_id
+    assert issuance[0]["source_identity"] == "run-7"
+    assert issuance[0]["role_arn"] == role_arn
+    assert issuance[0]["actor"] == "anonymous@loopback"
+    assert issuance[0]["expiration"].startswith(issued.expiration.ToDatetime().isoformat()[:19])
+    assert {a["audit"] for a in audit} >= {
+        "created",
+        "verification_failed",
+        "verified",
+        "disconnected",
+    }
+    everything = json_log.getvalue()
+    assert issued.secret_access_key not in everything
+    assert issued.session_token not in everything
