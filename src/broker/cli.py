@@ -7,10 +7,17 @@ import asyncio
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 from broker import logs
 from broker.auth import hash_token, new_token
-from broker.config import ConfigError, describe_settings, load_settings
+from broker.config import (
+    ConfigError,
+    describe_settings,
+    is_loopback,
+    load_settings,
+    split_host_port,
+)
 from broker.template import template_body
 
 DEV_BANNER = """\
@@ -59,6 +66,22 @@ def main(argv: list[str] | None = None) -> int:
         "token", help="make a bearer token for a caller, and the hash the broker is configured with"
     )
     token.add_argument("identity", help="the caller's name in BROKER_POLICY, e.g. launcher")
+    sandbox = commands.add_parser(
+        "sandbox-endpoint",
+        help="serve one run's credentials to the AWS SDKs in its sandbox, renewed as they expire",
+        description="Holds the run's WatchCredentials stream and serves the container-credentials "
+        "protocol on loopback. Prints AWS_CONTAINER_CREDENTIALS_FULL_URI and "
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN for the sandbox once it holds credentials; exits when "
+        "the run is released or the tenant disconnected.",
+    )
+    sandbox.add_argument("--tenant", required=True)
+    sandbox.add_argument("--run", required=True)
+    sandbox.add_argument("--broker", default="127.0.0.1:50051", help="the broker's host:port")
+    sandbox.add_argument("--listen", default="127.0.0.1:0", help="loopback host:port to serve on")
+    sandbox.add_argument("--ca-file", type=Path, help="CA of the broker's TLS certificate")
+    sandbox.add_argument("--cert-file", type=Path, help="this launcher's certificate (mTLS)")
+    sandbox.add_argument("--key-file", type=Path, help="this launcher's key (mTLS)")
+    sandbox.add_argument("--token-file", type=Path, help="a file holding the broker bearer token")
     args = parser.parse_args(argv)
     try:
         if args.command == "template":
@@ -69,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             _dev(args.aws_port)
         elif args.command == "dev-stack":
             _dev_stack(args.quick_create_url, args.aws_endpoint)
+        elif args.command == "sandbox-endpoint":
+            _sandbox_endpoint(args)
         elif args.command == "migrate":
             asyncio.run(_migrate())
         elif args.command == "token":
@@ -89,6 +114,26 @@ def _serve() -> None:
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
+
+
+def _sandbox_endpoint(args: argparse.Namespace) -> None:
+    from broker import sandbox
+    from broker.client import BrokerClient, ClientTls
+
+    host, port = split_host_port(args.listen)
+    if not is_loopback(host):
+        raise ConfigError(
+            f"--listen {args.listen}: the endpoint serves credentials on loopback only"
+        )
+    logs.configure("INFO", "text")
+    tls = ClientTls(args.ca_file, args.cert_file, args.key_file) if args.ca_file else None
+    token = args.token_file.read_text().strip() if args.token_file else None
+
+    async def serve() -> None:
+        async with BrokerClient(args.broker, tls=tls, token=token) as client:
+            await sandbox.run(client, args.tenant, args.run, (host, port))
+
+    asyncio.run(serve())
 
 
 async def _migrate() -> None:
