@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
+import logging
 import os
 import re
 import urllib.request
@@ -172,6 +174,23 @@ async def metrics_text(running: Running) -> str:
             return str(answer.read().decode())
 
     return await asyncio.to_thread(get)
+
+
+@contextlib.contextmanager
+def captured_logs(formatter: logging.Formatter, level: int) -> Iterator[io.StringIO]:
+    """Everything every logger writes at `level` and above, formatted by `formatter`."""
+    sink = io.StringIO()
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield sink
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
 
 
 @dataclass

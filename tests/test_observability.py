@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.emulator import LocalAws
 from broker.logs import JsonFormatter
 from broker.v1 import broker_pb2 as pb
-from tests.conftest import Running, metrics_text
+from tests.conftest import Running, captured_logs, metrics_text
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -38,16 +38,8 @@ def value(
 
 @pytest.fixture
 def json_log() -> Iterator[io.StringIO]:
-    sink = io.StringIO()
-    handler = logging.StreamHandler(sink)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield sink
-    root.removeHandler(handler)
-    root.setLevel(level)
+    with captured_logs(JsonFormatter(), logging.INFO) as sink:
+        yield sink
 
 
 async def test_metrics_follow_the_flow(running: Running, local_aws: LocalAws, tenant: str) -> None:

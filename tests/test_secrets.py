@@ -14,22 +14,16 @@ from broker.emulator import LocalAws
 from broker.logs import FieldsFormatter
 from broker.models import Credentials
 from broker.v1 import broker_pb2 as pb
-from tests.conftest import Running, connect, metrics_text, stored_bytes
+from tests.conftest import Running, captured_logs, connect, metrics_text, stored_bytes
 
 
 @pytest.fixture
 def debug_log() -> Iterator[io.StringIO]:
     """Everything every logger writes at DEBUG, formatted as the broker formats it."""
-    sink = io.StringIO()
-    handler = logging.StreamHandler(sink)
-    handler.setFormatter(FieldsFormatter("%(levelname)s %(name)s %(message)s"))
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    yield sink
-    root.removeHandler(handler)
-    root.setLevel(old_level)
+    with captured_logs(
+        FieldsFormatter("%(levelname)s %(name)s %(message)s"), logging.DEBUG
+    ) as sink:
+        yield sink
 
 
 async def test_secrets_stay_out_of_logs_errors_and_storage(
