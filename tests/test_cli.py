@@ -151,3 +151,24 @@ def test_migrate_brings_the_schema_up_to_date(tmp_path: Path) -> None:
     assert first.returncode == again.returncode == 0, first.stderr
     assert "schema up to date" in again.stdout
     assert (tmp_path / "m.db").exists()
+
+
+def test_serve_on_a_taken_port_says_which_setting() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        for setting in ("BROKER_LISTEN", "BROKER_METRICS_LISTEN", "BROKER_HEALTH_LISTEN"):
+            env = os.environ | {
+                "BROKER_LISTEN": "127.0.0.1:0",
+                "BROKER_METRICS_LISTEN": "127.0.0.1:0",
+                "BROKER_TEMPLATE_URL": "https://x",
+                "BROKER_TRUSTED_PRINCIPAL_ARN": "arn:aws:iam::111111111111:role/broker",
+                "BROKER_DATABASE_URL": "sqlite:///:memory:",
+                setting: address,
+            }
+            done = run(str(BIN / "broker"), "serve", env=env)
+            assert done.returncode == 2, (setting, done.stderr)
+            assert f"{setting}={address}: cannot listen there" in done.stderr

@@ -103,8 +103,9 @@ class CredentialCache:
             self._entries.move_to_end(grant.key)
             self.stats.hits += 1
             return entry.credentials
-        if entry is not None and now < entry.retry_at:
-            # STS failed for this run moments ago: do not ask it again yet.
+        if entry is not None and now < entry.retry_at and newer_than is None:
+            # STS failed for this run moments ago: callers with valid credentials to be served
+            # do not ask it again yet. (Streams pace their own retries.)
             return self._stale(entry, newer_than, TransientAwsError("STS is failing; retry"))
         self.stats.misses += 1
         try:
@@ -113,8 +114,11 @@ class CredentialCache:
             if entry is None:
                 raise
             entry.failures += 1
-            pause = min(2.0 ** (entry.failures - 1), MAX_RETRY_PAUSE)
-            entry.retry_at = self._clock() + pause * self._rng.uniform(0.5, 1.0)
+            now = self._clock()
+            # Back off, but never so long that the credentials run out before the next try.
+            valid_for = entry.credentials.expiration.timestamp() - now
+            pause = min(2.0 ** (entry.failures - 1), MAX_RETRY_PAUSE, max(valid_for / 4, 0.1))
+            entry.retry_at = now + pause * self._rng.uniform(0.5, 1.0)
             return self._stale(entry, newer_than, failure)
 
     def _stale(

@@ -185,14 +185,26 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = (
-        server.add_secure_port(settings.listen, server_credentials(settings))
-        if settings.tls
-        else server.add_insecure_port(settings.listen)
-    )
-    if port == 0:
-        raise ConfigError(f"BROKER_LISTEN={settings.listen}: cannot listen there")
+    health_server = None
+    try:
+        port = _bind(
+            server,
+            "BROKER_LISTEN",
+            settings.listen,
+            server_credentials(settings) if settings.tls else None,
+        )
+        if settings.health_listen is not None:
+            health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+            _bind(health_server, "BROKER_HEALTH_LISTEN", settings.health_listen)
+        metrics_server = _serve_metrics(settings.metrics_listen, metrics)
+    except ConfigError:
+        await aws.close()
+        await store.close()
+        raise
     await server.start()
+    if health_server is not None:
+        await health_server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     sync = TenantSync(store, cache, hub)
@@ -212,6 +224,20 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
             return {}
 
     metrics.watch(cache, hub, settings.cache_max_entries, count_connections)
+    broker = Broker(
+        settings,
+        server,
+        port,
+        health_servicer,
+        aws,
+        store,
+        cache,
+        hub,
+        sync,
+        background,
+        health_server=health_server,
+        metrics_server=metrics_server,
+    )
     log.info(
         "serving",
         extra={
@@ -221,26 +247,43 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
             "mtls": settings.tls_client_ca_file is not None,
             "tokens": len(settings.token_hashes),
             "trusted_principal": principal,
+            "health_listen": settings.health_listen,
+            "metrics_port": broker.metrics_port,
         },
     )
-    broker = Broker(
-        settings, server, port, health_servicer, aws, store, cache, hub, sync, background
-    )
-    if settings.health_listen is not None:
-        broker.health_server = await _health_only(settings.health_listen, health_servicer)
-    if settings.metrics_listen != "off":
-        host, metrics_port = split_host_port(settings.metrics_listen)
-        broker.metrics_server, _ = start_http_server(metrics_port, host, metrics.registry)
     return broker
 
 
-async def _health_only(listen: str, servicer: health.aio.HealthServicer) -> grpc.aio.Server:
-    """grpc.health.v1 alone, in plaintext: what a kubelet's gRPC probe can reach."""
-    server = grpc.aio.server()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    if server.add_insecure_port(listen) == 0:
-        raise ConfigError(f"BROKER_HEALTH_LISTEN={listen}: cannot listen there")
-    await server.start()
+def _bind(
+    server: grpc.aio.Server,
+    setting: str,
+    address: str,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
+    """Listen on `address` (TLS with `credentials`); a taken or wrong address stops start-up
+    with the setting named. The health port, if any, serves grpc.health.v1 alone, in plaintext:
+    what a kubelet's gRPC probe can reach."""
+    try:
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise ConfigError(f"{setting}={address}: cannot listen there (address in use?)")
+    return port
+
+
+def _serve_metrics(listen: str, metrics: Metrics) -> WSGIServer | None:
+    if listen == "off":
+        return None
+    host, port = split_host_port(listen)
+    try:
+        server, _ = start_http_server(port, host, metrics.registry)
+    except OSError as exc:
+        raise ConfigError(f"BROKER_METRICS_LISTEN={listen}: cannot listen there ({exc})") from None
     return server
 
 

@@ -140,8 +140,9 @@ async def watch(
             remaining = held.expiration.timestamp() - clock()
             if remaining <= 0:
                 raise Unavailable("STS is unavailable and this run's credentials expired") from None
-            # Full jitter: streams that failed together do not all retry together.
-            delay = min(rng.uniform(0, backoff), remaining)
+            # Full jitter (streams that failed together do not retry together), and retries
+            # come closer together as expiry nears, so recovery is not missed.
+            delay = min(rng.uniform(0, backoff), max(remaining / 4, 0.1))
             backoff = min(backoff * 2, RETRY_BACKOFF_MAX)
             log.warning("renewal failed transiently; retrying", extra={"retry_in": delay})
             continue
