@@ -37,6 +37,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from broker.config import MAX_SESSION_DURATION
 from broker.template import template_body
+from broker.trust import allows
 
 PLATFORM_ACCOUNT = "111111111111"
 CUSTOMER_ACCOUNT = "222222222222"
@@ -95,8 +96,6 @@ class TrustEnforcingSts:
         return self._rewrite(environ, start_response, params)
 
     def _judge(self, access_key: str, params: dict[str, str]) -> tuple[str, str, str] | None:
-        from broker.trust import allows
-
         account = get_account_id_from(access_key)
         _, caller_arn, _ = sts_backends[account]["aws"].get_caller_identity(access_key, "us-east-1")
         role_arn = params.get("RoleArn", "")

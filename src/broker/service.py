@@ -317,6 +317,7 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         run_id = validation.field("run_id", request.run_id)
         grant = await self._connections.grant(tenant_id, run_id)
         subscription = self._hub.subscribe(grant.key)
+        renewal = False  # the first message is the current credentials; later ones renew them
         try:
             async for credentials in watch(
                 subscription,
@@ -328,9 +329,9 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
                 yield pb.WatchCredentialsResponse(
                     credentials=credentials_pb(credentials, grant.region)
                 )
-                if subscription.sent:
+                if renewal:
                     self.metrics.renewals.labels("ok").inc()
-                subscription.sent += 1
+                renewal = True
         finally:
             self._hub.unsubscribe(subscription)
 

@@ -32,7 +32,6 @@ class Subscription:
     def __init__(self, key: Key) -> None:
         self.key = key
         self.grant: Grant | None = None  # what the stream's credentials were issued under
-        self.sent = 0  # credentials sent so far (the service counts)
         self.ended: BrokerError | None = None
         self._wake = asyncio.Event()
 
