@@ -15,7 +15,7 @@ import secrets
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from broker.errors import PermissionDenied, Unauthenticated
 
@@ -56,6 +56,12 @@ def hash_token(token: str) -> str:
 
 def new_token() -> str:
     return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+class PeerContext(Protocol):
+    """The part of a call's context that names its TLS peer (grpc's ServicerContext)."""
+
+    def auth_context(self) -> Mapping[str, Iterable[bytes]]: ...
 
 
 def parse_token_hashes(entries: Iterable[str]) -> dict[str, bytes]:
@@ -152,11 +158,12 @@ class Guard:
         """No authentication configured (loopback only)."""
         return not self._mtls and not self._tokens
 
-    def caller(self, auth_context: Mapping[str, Iterable[bytes]], metadata: Any) -> Caller:
+    def caller(self, context: PeerContext, metadata: Any) -> Caller:
         """The caller of one call, from its TLS peer (SPIFFE ID, else DNS SAN) or its token."""
         if self.open:
             return ANYONE_ON_LOOPBACK
         if self._mtls:
+            auth_context = context.auth_context()
             for key in ("peer_spiffe_id", "peer_dns"):
                 name = next(iter(auth_context.get(key, ())), None)
                 if name:

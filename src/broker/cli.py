@@ -109,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve() -> None:
-    from broker.server import serve
+    from broker.server import run_loop, serve
 
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
+    run_loop(serve(settings), settings.event_loop)
 
 
 def _sandbox_endpoint(args: argparse.Namespace) -> None:
@@ -147,7 +147,7 @@ async def _migrate() -> None:
 
 def _dev(aws_port: int) -> None:
     from broker.emulator import LocalAws
-    from broker.server import Broker, serve
+    from broker.server import Broker, run_loop, serve
 
     try:
         aws = LocalAws(port=aws_port).start()
@@ -187,12 +187,13 @@ def _dev(aws_port: int) -> None:
         )
 
     try:
-        asyncio.run(
+        run_loop(
             serve(
                 settings,
                 static_credentials=(identity.access_key_id, identity.secret_access_key),
                 on_ready=banner,
-            )
+            ),
+            settings.event_loop,
         )
     finally:
         aws.stop()

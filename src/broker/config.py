@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, FilePath, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -143,6 +143,11 @@ class Settings(BaseSettings):
         None,
         description="Also serve grpc.health.v1 alone, in plaintext, on this host:port: for "
         "Kubernetes gRPC probes, which cannot present TLS client certificates.",
+    )
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        "asyncio",
+        description="The event loop: asyncio, or uvloop (more calls per second, but a far "
+        "worse p99 under grpc.aio; docs/benchmarks.md).",
     )
     max_call_seconds: float = Field(
         DEFAULT_MAX_CALL_SECONDS,

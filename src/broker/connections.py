@@ -27,6 +27,10 @@ EXTERNAL_ID_BYTES = 24  # 192 bits from `secrets`; DESIGN.md asks for at least 1
 VERIFY_SESSION_NAME = "credential-broker-verify"
 VERIFY_PROBE_DURATION = 900  # the shortest AWS allows: a probe that wrongly succeeds expires soon
 STORE_RETRIES = 5
+# How long a grant read from the store is trusted without reading it again. A change made on
+# this replica, or heard from another (TenantSync), is seen at once; this bounds how long a
+# change whose notification was lost can go unseen by IssueCredentials.
+GRANT_FRESH_SECONDS = 1.0
 
 
 def new_external_id() -> str:
@@ -67,8 +71,11 @@ class Connections:
         self._on_disconnected = on_disconnected
         self._sleep = sleep
         self._clock = clock
-        # tenant → its last ACTIVE grant read from the store; changed only by `grant`.
-        self._last_grants: dict[str, Grant] = {}
+        # tenant → (its last ACTIVE grant read from the store, read at); set by `grant`,
+        # dropped by `forget` and by every change saved here.
+        self._last_grants: dict[str, tuple[Grant, float]] = {}
+        # Bumped by `forget`: a read that began before a change does not store what it read.
+        self._forgotten = 0
 
     async def get(self, tenant_id: str) -> Connection:
         connection = await self._store.get(tenant_id)
@@ -78,15 +85,19 @@ class Connections:
 
     async def grant(self, tenant_id: str, run_id: str) -> Grant:
         """What `run_id` may be issued now. NotFound / NotActive when nothing may be issued.
-        While the store cannot be reached, the tenant's last grant read here stands in (nobody
-        can disconnect meanwhile: that needs the store too)."""
+        A grant read less than GRANT_FRESH_SECONDS ago is not read again (the hot path makes no
+        store round trip). While the store cannot be reached, the tenant's last grant read here
+        stands in (nobody can disconnect meanwhile: that needs the store too)."""
+        known = self._last_grants.get(tenant_id)
+        if known is not None and self._clock() - known[1] < GRANT_FRESH_SECONDS:
+            return known[0].for_run(run_id)
+        forgotten = self._forgotten
         try:
             connection = await self.get(tenant_id)
         except StoreUnavailable:
-            known = self._last_grants.get(tenant_id)
             if known is None:
                 raise
-            return replace(known, run_id=run_id)
+            return known[0].for_run(run_id)
         if connection.status is not Status.ACTIVE:
             self._last_grants.pop(tenant_id, None)
             raise NotActive(
@@ -97,8 +108,18 @@ class Connections:
         grant = Grant(
             tenant_id, run_id, connection.role_arn, connection.external_id, connection.region
         )
-        self._last_grants[tenant_id] = grant
+        if forgotten == self._forgotten:
+            self._last_grants[tenant_id] = (grant, self._clock())
         return grant
+
+    def forget(self, tenant_id: str) -> None:
+        """Read the tenant's grant from the store next time (it changed, or may have)."""
+        self._forgotten += 1
+        self._last_grants.pop(tenant_id, None)
+
+    def forget_all(self) -> None:
+        self._forgotten += 1
+        self._last_grants.clear()
 
     async def _save(
         self,
@@ -115,7 +136,10 @@ class Connections:
         event = audit.connection_event(connection, kind, actor, checks)
         if role_arn is not None:
             event = replace(event, role_arn=role_arn)
-        saved = await self._store.save(connection, new_external_id=new_external_id, event=event)
+        try:
+            saved = await self._store.save(connection, new_external_id=new_external_id, event=event)
+        finally:
+            self.forget(connection.tenant_id)
         audit.record(event)
         return saved
 

@@ -76,6 +76,9 @@ class TrustEnforcingSts:
     # Seconds every AssumeRole answer is held back (a slow STS).
     latency: float = 0.0
     calls: list[AssumeRoleCall] = field(default_factory=list)
+    # AssumeRole answers being worked on now, and the most at once (reset it to measure).
+    in_flight: int = 0
+    most_in_flight: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
@@ -87,13 +90,20 @@ class TrustEnforcingSts:
         params = {k: v[0] for k, v in parse_qs(body.decode()).items()}
         if params.get("Action") != "AssumeRole":
             return self.app(environ, start_response)
-        if self.latency:
-            time.sleep(self.latency)
-        refusal = self._judge(scope.group(1), params)
-        if refusal is not None:
-            status, code, message = refusal
-            return _error(start_response, status, code, message)
-        return self._rewrite(environ, start_response, params)
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if self.latency:
+                time.sleep(self.latency)
+            refusal = self._judge(scope.group(1), params)
+            if refusal is not None:
+                status, code, message = refusal
+                return _error(start_response, status, code, message)
+            return self._rewrite(environ, start_response, params)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
     def _judge(self, access_key: str, params: dict[str, str]) -> tuple[str, str, str] | None:
         account = get_account_id_from(access_key)

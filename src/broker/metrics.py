@@ -7,7 +7,7 @@ ARN or a key: those belong in logs and audit events.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -57,6 +57,18 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+
+        # The labelled children each RPC records into, looked up once (`labels` is not free).
+        self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def rpc_done(self, method: str, code: str, seconds: float) -> None:
+        """Count one RPC and its latency."""
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            children = (self.rpcs.labels(method, code), self.rpc_seconds.labels(method))
+            self._rpc_children[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def watch(
         self,

@@ -60,6 +60,10 @@ class Grant:
     def key(self) -> tuple[str, str]:
         return (self.tenant_id, self.run_id)
 
+    def for_run(self, run_id: str) -> Grant:
+        """The same grant, for another run of the tenant."""
+        return Grant(self.tenant_id, run_id, self.role_arn, self.external_id, self.region)
+
 
 @dataclass(frozen=True)
 class Credentials:
@@ -71,6 +75,9 @@ class Credentials:
     expiration: datetime
     assumed_role_arn: str
     issued_at: datetime
+    # Messages made from these credentials, kept by the code that sends them under its own
+    # key: the same credentials are sent many times. Not part of equality.
+    encoded: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def lifetime(self) -> float:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -168,18 +170,16 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
         token_hashes=parse_token_hashes(settings.token_hashes),
         policy=settings.load_policy(),
     )
-    wire.add_to_server(
-        CredentialBrokerService(
-            connections,
-            cache,
-            hub,
-            guard=guard,
-            metrics=metrics,
-            refresh_margin=settings.refresh_margin,
-            max_call_seconds=settings.max_call_seconds,
-        ),
-        server,
+    service = CredentialBrokerService(
+        connections,
+        cache,
+        hub,
+        guard=guard,
+        metrics=metrics,
+        refresh_margin=settings.refresh_margin,
+        max_call_seconds=settings.max_call_seconds,
     )
+    wire.add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -207,11 +207,12 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
         await health_server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    sync = TenantSync(store, cache, hub)
+    sync = TenantSync(store, cache, hub, forget=connections.forget)
     background = [
         asyncio.create_task(_sweep_forever(cache), name="cache-sweeper"),
         asyncio.create_task(store.listen(sync.on_change, sync.on_missed), name="store-listener"),
         asyncio.create_task(sync.recheck_forever(settings.recheck_interval), name="recheck"),
+        asyncio.create_task(service.cap.watch(), name="call-cap"),
     ]
     loop = asyncio.get_running_loop()
 
@@ -224,6 +225,11 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
             return {}
 
     metrics.watch(cache, hub, settings.cache_max_entries, count_connections)
+    # What start-up loaded (botocore's service models, pydantic, protobuf descriptors) lives as
+    # long as the process: out of the collector's sight, so a full collection costs what the
+    # requests allocated, not the whole heap (see docs/benchmarks.md).
+    gc.collect()
+    gc.freeze()
     broker = Broker(
         settings,
         server,
@@ -304,6 +310,17 @@ async def _sweep_forever(cache: CredentialCache) -> None:
     while True:
         await asyncio.sleep(SWEEP_INTERVAL)
         cache.sweep()
+
+
+def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Run `main` to the end on a new event loop of the kind named (BROKER_EVENT_LOOP)."""
+    factory = None
+    if event_loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
 
 
 async def serve(

@@ -5,13 +5,14 @@ one table (`STATUS_OF`); an unexpected exception is INTERNAL with a generic mess
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
+import itertools
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
@@ -108,91 +109,168 @@ async def _report(context: grpc.aio.ServicerContext[Any, Any], method: str, exc:
     )
 
 
-@contextlib.asynccontextmanager
-async def _handled(
-    guard: Guard,
-    metrics: Metrics,
-    method: str,
-    request: Any,
-    context: grpc.aio.ServicerContext[Any, Any],
-) -> AsyncIterator[dict[str, object]]:
-    """Around every call: the caller is authenticated and authorised; errors become status
-    (the one place that does); one log line with the caller and the request's ids only.
-    Requests hold no secret; the responses of IssueCredentials and WatchCredentials do, so no
-    message is ever logged whole. Yields extra fields to log."""
-    started, code = time.perf_counter(), "OK"
-    fields: dict[str, object] = {"request_id": _request_id(context)}
-    try:
-        caller = guard.caller(context.auth_context(), context.invocation_metadata())
+class _Call:
+    """Around every call: the caller is authenticated and authorised (`admit`); errors become
+    status (`fail`, the one place that does); metrics and one log line with the caller and the
+    request's ids only (`finish`). Requests hold no secret; the responses of IssueCredentials
+    and WatchCredentials do, so no message is ever logged whole. Plain methods, not a context
+    manager: this runs on every call (docs/benchmarks.md)."""
+
+    __slots__ = ("code", "context", "fields", "method", "request", "started")
+
+    def __init__(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        self.method, self.request, self.context = method, request, context
+        self.started, self.code = time.perf_counter(), "OK"
+        self.fields: dict[str, object] = {}
+
+    def admit(self, guard: Guard) -> None:
+        metadata = self.context.invocation_metadata()
+        self.fields["request_id"] = _request_id(metadata)
+        caller = guard.caller(self.context, metadata)
         CALLER.set(caller)
-        fields["caller"] = caller.identity
+        self.fields["caller"] = caller.identity
+        request = self.request
         if isinstance(request, Malformed):
             raise InvalidArgument("request", f"is not a valid {request.type_name} message")
-        guard.check(caller, method, request.tenant_id)
-        yield fields
-    except (asyncio.CancelledError, GeneratorExit):  # the caller went away
-        code = "CANCELLED"
-        raise
-    except Exception as exc:
-        code = _code_name(exc)
-        await _report(context, method, exc)
-        raise
-    finally:
-        elapsed = time.perf_counter() - started
-        metrics.rpcs.labels(method, code).inc()
-        metrics.rpc_seconds.labels(method).observe(elapsed)
+        guard.check(caller, self.method, request.tenant_id)
+
+    async def fail(self, exc: Exception) -> None:
+        self.code = _code_name(exc)
+        await _report(self.context, self.method, exc)
+
+    def finish(self, metrics: Metrics) -> None:
+        elapsed = time.perf_counter() - self.started
+        metrics.rpc_done(self.method, self.code, elapsed)
+        request = self.request
         log.info(
             "rpc",
             extra={
-                "method": method,
-                "code": code,
+                "method": self.method,
+                "code": self.code,
                 "tenant": getattr(request, "tenant_id", ""),
                 "run": getattr(request, "run_id", ""),
                 "latency_ms": round(elapsed * 1000, 2),
-                **fields,
+                **self.fields,
             },
         )
 
 
-def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+# New request ids: this process's random prefix and a counter; unique across replicas and
+# restarts without a random draw per call.
+_ID_PREFIX = secrets.token_hex(6)
+_ids = itertools.count(1)
+
+
+def _request_id(metadata: Any) -> str:
     """The caller's x-request-id (to correlate with its logs), else a new one."""
-    for key, value in context.invocation_metadata() or ():
+    for key, value in metadata or ():
         if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 64:
             return value.encode("ascii", "replace").decode()
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}-{next(_ids):x}"
+
+
+class CallCap:
+    """The server's limit on unary calls that came without a deadline: one watchdog cancels
+    the calls past it, `tick` seconds late at most. (A timer per call, as asyncio.timeout
+    sets, cost more than all the rest of an IssueCredentials answered from the cache: every
+    call leaves a cancelled timer in the loop's heap. docs/benchmarks.md.)
+
+    `_deadlines`: the handler task of each capped call under way → when it must end; added
+    and removed by the calls, and removed by `watch` when it cancels one (into `_cut`)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.tick = min(1.0, seconds / 20)
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        self._cut: set[asyncio.Task[Any]] = set()
+
+    def enter(self) -> asyncio.Task[Any] | None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._deadlines[task] = time.monotonic() + self.seconds
+        return task
+
+    def leave(self, task: asyncio.Task[Any] | None) -> bool:
+        """Stop watching the call; True when it was cut by the cap (its cancellation is then
+        taken back, so the call can still answer DEADLINE_EXCEEDED)."""
+        self._deadlines.pop(task, None)  # type: ignore[arg-type]
+        if task is None or task not in self._cut:
+            return False
+        self._cut.discard(task)
+        task.uncancel()
+        return True
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            now = time.monotonic()
+            late = [task for task, deadline in self._deadlines.items() if deadline <= now]
+            for task in late:
+                del self._deadlines[task]
+                self._cut.add(task)
+                task.cancel()
 
 
 def unary(handler: Handler) -> Handler:
-    """Run a unary handler inside `_handled`."""
+    """Run a unary handler as a `_Call`, within the server's cap when it has no deadline."""
+    method = handler.__name__
 
     @functools.wraps(handler)
     async def wrapper(self: CredentialBrokerService, request: Any, context: Any) -> Any:
-        async with _handled(self.guard, self.metrics, handler.__name__, request, context):
-            limit = self.max_call_seconds if context.time_remaining() is None else None
+        call = _Call(method, request, context)
+        try:
+            call.admit(self.guard)
+            if context.time_remaining() is not None:
+                return await handler(self, request, context)
+            capped = self.cap.enter()
             try:
-                async with asyncio.timeout(limit):
-                    return await handler(self, request, context)
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"the call took longer than the server's limit of {limit} s"
-                ) from None
+                return await handler(self, request, context)
+            except asyncio.CancelledError:
+                if self.cap.leave(capped):
+                    raise DeadlineExceeded(
+                        f"the call took longer than the server's limit of {self.cap.seconds} s"
+                    ) from None
+                raise
+            finally:
+                self.cap.leave(capped)
+        except asyncio.CancelledError:  # the caller went away
+            call.code = "CANCELLED"
+            raise
+        except Exception as exc:
+            await call.fail(exc)
+            raise
+        finally:
+            call.finish(self.metrics)
 
     return wrapper  # type: ignore[return-value]
 
 
 def streaming(handler: Handler) -> Handler:
-    """Run a server-streaming handler inside `_handled`, counting the messages sent."""
+    """Run a server-streaming handler as a `_Call`, counting the messages sent."""
+    method = handler.__name__
 
     @functools.wraps(handler)
     async def wrapper(
         self: CredentialBrokerService, request: Any, context: Any
     ) -> AsyncIterator[Any]:
+        call = _Call(method, request, context)
         sent = 0
-        async with _handled(self.guard, self.metrics, handler.__name__, request, context) as fields:
+        try:
+            call.admit(self.guard)
             async for message in handler(self, request, context):
                 yield message
                 sent += 1
-                fields["messages"] = sent
+                call.fields["messages"] = sent
+        except (asyncio.CancelledError, GeneratorExit):  # the caller went away
+            call.code = "CANCELLED"
+            raise
+        except Exception as exc:
+            await call.fail(exc)
+            raise
+        finally:
+            call.finish(self.metrics)
 
     return wrapper  # type: ignore[return-value]
 
@@ -206,9 +284,13 @@ def _code_name(exc: Exception) -> str:
 def _timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
     if moment is None:
         return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
+    # Whole microseconds from the aware datetime (Timestamp.FromDatetime is slower).
+    micros = (moment - _EPOCH) // _MICROSECOND
+    return timestamp_pb2.Timestamp(seconds=micros // 1_000_000, nanos=micros % 1_000_000 * 1000)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def _checks_pb(checks: tuple[Check, ...]) -> list[pb.Check]:
@@ -246,7 +328,7 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         self._refresh_margin = refresh_margin
         self.guard = guard
         self.metrics = metrics
-        self.max_call_seconds = max_call_seconds
+        self.cap = CallCap(max_call_seconds)
 
     def connection_pb(self, connection: Connection) -> pb.Connection:
         settings = self._connections.settings
@@ -286,7 +368,7 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         connection = await self._connections.verify(
             tenant_id,
             role_arn,
-            self.max_call_seconds if time_left is None else time_left,
+            self.cap.seconds if time_left is None else time_left,
             CALLER.get().identity,
         )
         return pb.VerifyRoleResponse(connection=self.connection_pb(connection))
@@ -307,7 +389,15 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         run_id = validation.field("run_id", request.run_id)
         grant = await self._connections.grant(tenant_id, run_id)
         credentials = await self._cache.get(grant)
-        return pb.IssueCredentialsResponse(credentials=credentials_pb(credentials, grant.region))
+        # Made once per credentials and region, then sent as often as they are asked for.
+        key = (pb.IssueCredentialsResponse, grant.region)
+        response = credentials.encoded.get(key)
+        if not isinstance(response, pb.IssueCredentialsResponse):
+            response = pb.IssueCredentialsResponse(
+                credentials=credentials_pb(credentials, grant.region)
+            )
+            credentials.encoded[key] = response
+        return response
 
     @streaming
     async def WatchCredentials(

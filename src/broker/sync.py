@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from broker.cache import CredentialCache
 from broker.errors import BrokerError
@@ -28,14 +29,23 @@ class TenantSync:
     """Re-reads tenants and invalidates what changed. `_pending` holds the re-checks under way
     (one task per tenant at a time; changed by `on_change` and the tasks themselves)."""
 
-    def __init__(self, store: ConnectionStore, cache: CredentialCache, hub: StreamHub) -> None:
+    def __init__(
+        self,
+        store: ConnectionStore,
+        cache: CredentialCache,
+        hub: StreamHub,
+        forget: Callable[[str], None] = lambda _: None,
+    ) -> None:
         self._store = store
         self._cache = cache
         self._hub = hub
+        self._forget = forget  # drops a tenant's grant remembered by Connections
         self._pending: dict[str, asyncio.Task[None]] = {}
 
     def on_change(self, tenant_id: str) -> None:
-        """A replica changed the tenant: re-check it (soon, once)."""
+        """A replica changed the tenant: its grant is read again by the next call, and what is
+        held for it is re-checked (soon, once)."""
+        self._forget(tenant_id)
         if tenant_id not in self._pending:
             task = asyncio.create_task(self.recheck(tenant_id), name=f"recheck:{tenant_id}")
             self._pending[tenant_id] = task
