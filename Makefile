@@ -30,10 +30,15 @@ test: $(STAMP)
 reliability: $(STAMP)
 	BROKER_RELIABILITY_REPORT=docs/reliability.md $(BIN)/pytest -q tests/test_reliability.py
 
+## bench: the broker beside the ceilings of its stack (a few minutes); writes docs/benchmarks.md
+bench: $(STAMP)
+	bash scripts/h2load.sh >/dev/null
+	$(BIN)/python -m bench --out docs
+
 ## lint: ruff, mypy, buf lint, cfn-lint, hadolint
 lint: $(STAMP) node_modules/.bin/buf
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 	node_modules/.bin/buf lint
 	$(BIN)/cfn-lint deploy/cloudformation/customer-role.yaml
