@@ -154,9 +154,7 @@ async def run(world: World, report: Report, *, quick: bool) -> None:
         frames: dict[str, Path] = {}
         for loop in loops:
             variants: list[tuple[str, dict[str, Any]]] = [("broker", {})] + (
-                []
-                if quick or loop != "asyncio"
-                else [("broker, per-RPC log lines off", {"log_level": "WARNING"})]
+                [] if loop != "asyncio" else [("broker, RPC_LOG=errors", {"rpc_log": "errors"})]
             )
             for name, settings in variants:
                 tenant = f"hot-{loop}-{len(servers)}"

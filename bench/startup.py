@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -11,13 +10,7 @@ import time
 
 from bench.procs import BIN
 from bench.report import Figure, Report
-from bench.world import World, wait_serving
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from bench.world import World, free_port, wait_serving
 
 
 async def _to_serving(command: list[str], env: dict[str, str] | None, port: int) -> float:
@@ -40,10 +33,10 @@ async def run(world: World, report: Report, *, quick: bool) -> None:
     samples = 1 if quick else 3
     broker, bare = [], []
     for _ in range(samples):
-        port = _free_port()
+        port = free_port()
         env = world.broker_env(listen=f"127.0.0.1:{port}")
         broker.append(await _to_serving([str(BIN / "broker"), "serve"], env, port))
-        port = _free_port()
+        port = free_port()
         bare.append(
             await _to_serving(
                 [sys.executable, "-m", "bench.bare", str(response), f"--port={port}"], None, port

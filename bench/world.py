@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -73,7 +74,6 @@ class World:
             "AWS_ACCESS_KEY_ID": self.identity.access_key_id,
             "AWS_SECRET_ACCESS_KEY": self.identity.secret_access_key,
         }
-        env |= {k: str(v) for k, v in settings.items() if k.startswith("XX")}
         env |= {f"BROKER_{k.upper()}": str(v) for k, v in settings.items()}
         return env
 
@@ -81,16 +81,33 @@ class World:
     def broker(
         self, name: str, core: int | None = SERVER_CORE, **settings: object
     ) -> Iterator[RunningBroker]:
+        port, metrics_port = free_port(), free_port()
         process = Process(
             pinned([str(BIN / "broker"), "serve"], core),
             self.folder / f"{name}.log",
-            env=self.broker_env(**settings),
+            env=self.broker_env(
+                listen=f"127.0.0.1:{port}", metrics_listen=f"127.0.0.1:{metrics_port}", **settings
+            ),
         )
         try:
-            serving = process.wait_json("serving")
-            yield RunningBroker(process, int(serving["port"]), int(serving["metrics_port"]))
+            # Health, not the log: a broker may be measured with its INFO lines off.
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                answer = health.Check(
+                    health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60
+                )
+            if answer.status != health_pb2.HealthCheckResponse.SERVING:
+                raise RuntimeError(f"{name} is not SERVING")
+            yield RunningBroker(process, port, metrics_port)
         finally:
             process.stop()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server told its port in advance)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 @contextlib.contextmanager

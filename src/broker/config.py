@@ -144,6 +144,12 @@ class Settings(BaseSettings):
         description="Also serve grpc.health.v1 alone, in plaintext, on this host:port: for "
         "Kubernetes gRPC probes, which cannot present TLS client certificates.",
     )
+    rpc_log: Literal["all", "errors"] = Field(
+        "all",
+        description="Which RPCs get their INFO line: all, or errors (those that did not end "
+        "OK; the metrics still count every call). The line is a fifth of a cached "
+        "IssueCredentials' cost (docs/benchmarks.md). Audit events are logged either way.",
+    )
     event_loop: Literal["asyncio", "uvloop"] = Field(
         "asyncio",
         description="The event loop: asyncio, or uvloop (more calls per second, but a far "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
@@ -52,12 +53,17 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key, value in vars(record).items():
+        # A record's own attributes come first, `extra=` fields after them.
+        for key, value in itertools.islice(vars(record).items(), _OWN_ATTRIBUTES, None):
             if key not in _STANDARD and key[0] != "_":
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return _ENCODER.encode(entry)
+
+
+_OWN_ATTRIBUTES = len(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
+_ENCODER = json.JSONEncoder(default=str)  # json.dumps(default=…) would make one per line
 
 
 class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]

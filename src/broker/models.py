@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 
 class Status(enum.Enum):
@@ -42,12 +43,12 @@ class Connection:
     version: int = 0
 
 
-@dataclass(frozen=True)
-class Grant:
+class Grant(NamedTuple):
     """What one run may be issued: the tenant's active role, as of the moment it was read.
 
     A cached credential is served only for an equal grant, so a disconnect, a reconnect (new
-    external ID) or a role change never serves a credential of the old role.
+    external ID) or a role change never serves a credential of the old role. A named tuple:
+    one is made and compared on every IssueCredentials.
     """
 
     tenant_id: str

@@ -178,6 +178,7 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
         metrics=metrics,
         refresh_margin=settings.refresh_margin,
         max_call_seconds=settings.max_call_seconds,
+        rpc_log=settings.rpc_log,
     )
     wire.add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()

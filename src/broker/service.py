@@ -140,9 +140,12 @@ class _Call:
         self.code = _code_name(exc)
         await _report(self.context, self.method, exc)
 
-    def finish(self, metrics: Metrics) -> None:
+    def finish(self, metrics: Metrics, log_ok: bool) -> None:
+        """Count the call; log it, unless it ended OK and `log_ok` is off (BROKER_RPC_LOG)."""
         elapsed = time.perf_counter() - self.started
         metrics.rpc_done(self.method, self.code, elapsed)
+        if not log_ok and self.code == "OK":
+            return
         request = self.request
         log.info(
             "rpc",
@@ -242,7 +245,7 @@ def unary(handler: Handler) -> Handler:
             await call.fail(exc)
             raise
         finally:
-            call.finish(self.metrics)
+            call.finish(self.metrics, self.log_ok)
 
     return wrapper  # type: ignore[return-value]
 
@@ -270,7 +273,7 @@ def streaming(handler: Handler) -> Handler:
             await call.fail(exc)
             raise
         finally:
-            call.finish(self.metrics)
+            call.finish(self.metrics, self.log_ok)
 
     return wrapper  # type: ignore[return-value]
 
@@ -321,6 +324,7 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         metrics: Metrics,
         refresh_margin: float,
         max_call_seconds: float,
+        rpc_log: str = "all",
     ) -> None:
         self._connections = connections
         self._cache = cache
@@ -329,6 +333,7 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         self.guard = guard
         self.metrics = metrics
         self.cap = CallCap(max_call_seconds)
+        self.log_ok = rpc_log == "all"
 
     def connection_pb(self, connection: Connection) -> pb.Connection:
         settings = self._connections.settings
