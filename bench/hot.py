@@ -147,7 +147,7 @@ def measure(
 async def run(world: World, report: Report, *, quick: bool) -> None:
     section = "Hot path: IssueCredentials from the cache"
     concurrencies = (1, 16) if quick else (1, 16, 64)
-    seconds, rounds = (1, 1) if quick else (3, 3)
+    seconds, rounds = (1, 1) if quick else (2, 2)
     loops = ("asyncio",) if quick else ("asyncio", "uvloop")
     with contextlib.ExitStack() as stack:
         servers: list[tuple[Server, Server]] = []  # (broker, its bare ceiling)

@@ -172,3 +172,24 @@ def test_serve_on_a_taken_port_says_which_setting() -> None:
             done = run(str(BIN / "broker"), "serve", env=env)
             assert done.returncode == 2, (setting, done.stderr)
             assert f"{setting}={address}: cannot listen there" in done.stderr
+
+
+def test_serve_on_uvloop_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    env = os.environ | {
+        "BROKER_EVENT_LOOP": "uvloop",
+        "BROKER_LISTEN": "127.0.0.1:0",
+        "BROKER_METRICS_LISTEN": "127.0.0.1:0",
+        "BROKER_TEMPLATE_URL": "https://x",
+        "BROKER_TRUSTED_PRINCIPAL_ARN": "arn:aws:iam::111111111111:role/broker",
+        "BROKER_DATABASE_URL": f"sqlite:///{tmp_path / 'uv.db'}",
+    }
+    broker = BrokerProcess(["serve"], env, tmp_path / "serve.log")
+    try:
+        port = broker.wait_serving()
+        assert '"event_loop": "uvloop"' in broker.text()
+        done = run(GRPCURL, "-plaintext", f"127.0.0.1:{port}", "grpc.health.v1.Health/Check")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"status": "SERVING"}
+        assert broker.stop() == 0
+    finally:
+        broker.close()

@@ -43,6 +43,8 @@ def pem(tmp_path: Path) -> str:
         ({"database_url": "mysql://x"}, "sqlite:///"),
         ({"log_level": "LOUD"}, "DEBUG, INFO"),
         ({"tls_cert_file": "/nonexistent.pem"}, "BROKER_TLS_CERT_FILE"),
+        ({"event_loop": "tokio"}, "'asyncio' or 'uvloop'"),
+        ({"rpc_log": "some"}, "'all' or 'errors'"),
     ],
 )
 def test_wrong_settings_are_refused_with_the_fix(overrides: dict[str, Any], message: str) -> None:

@@ -7,16 +7,18 @@ import asyncio
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.emulator import LocalAws
-from broker.logs import JsonFormatter
+from broker.emulator import Identity, LocalAws
+from broker.logs import BatchingStreamHandler, JsonFormatter
 from broker.v1 import broker_pb2 as pb
-from tests.conftest import Running, captured_logs, metrics_text
+from tests.conftest import Running, captured_logs, connect, metrics_text, start_broker
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -184,3 +186,54 @@ async def test_audit_trail_is_complete_and_holds_no_secret(
     everything = json_log.getvalue()
     assert issued.secret_access_key not in everything
     assert issued.session_token not in everything
+
+
+async def test_rpc_log_errors_logs_only_the_calls_that_failed(
+    broker_settings: dict[str, Any],
+    broker_identity: Identity,
+    local_aws: LocalAws,
+    tenant: str,
+    json_log: io.StringIO,
+) -> None:
+    async with start_broker(broker_settings | {"rpc_log": "errors"}, broker_identity) as running:
+        await connect(running, local_aws, tenant)
+        await running.stub.IssueCredentials(
+            pb.IssueCredentialsRequest(tenant_id=tenant, run_id="r")
+        )
+        with pytest.raises(grpc.aio.AioRpcError):
+            await running.stub.GetConnection(pb.GetConnectionRequest(tenant_id="nobody"))
+        counted = await scrape(running)
+    entries = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    rpcs = [(e["method"], e["code"]) for e in entries if e["logger"] == "broker.service"]
+    assert rpcs == [("GetConnection", "NOT_FOUND")]
+    assert [e["audit"] for e in entries if e["logger"] == "broker.audit"] == [
+        "created",
+        "verified",
+        "credentials_issued",
+    ], "audit events are logged whatever BROKER_RPC_LOG says"
+    assert value(counted, "broker_rpcs_total", method="IssueCredentials", code="OK") == 1
+
+
+def test_log_lines_are_written_in_batches_and_warnings_at_once() -> None:
+    sink = io.StringIO()
+    handler = BatchingStreamHandler(sink, interval=0.2)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("tests.batching")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("first")
+        logger.warning("second")  # written at once, after what waited before it
+        assert [json.loads(line)["message"] for line in sink.getvalue().splitlines()] == [
+            "first",
+            "second",
+        ]
+        logger.info("third")
+        deadline = time.monotonic() + 5
+        while "third" not in sink.getvalue():
+            assert time.monotonic() < deadline, "an INFO line waits an interval at most"
+            time.sleep(0.05)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()

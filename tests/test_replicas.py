@@ -7,6 +7,8 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,14 @@ import asyncpg
 import grpc
 import pytest
 
+from broker.connections import GRANT_FRESH_SECONDS
 from broker.emulator import Identity, LocalAws
+from broker.models import Status
+from broker.store import open_store
 from broker.store.postgres import LISTENER_NAME
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc
+from tests.conftest import connect, settings_for, start_broker
 from tests.processes import BrokerProcess
 
 RECHECK_INTERVAL = 2.0
@@ -127,3 +133,40 @@ async def test_a_lost_notification_is_made_up_for(
         await admin.close()
     # The listener comes back by itself (and re-checks every tenant it holds).
     b.wait_for(r'(?s)not listening for changes; retrying.*listening for changes["\n]', timeout=15)
+
+
+async def test_a_change_nobody_announced_stops_issuing_within_a_second(
+    local_aws: LocalAws,
+    broker_identity: Identity,
+    template_url: str,
+    tmp_path: Path,
+    tenant: str,
+) -> None:
+    """IssueCredentials trusts a grant it read for GRANT_FRESH_SECONDS. A disconnect written by
+    another writer, with no notification at all (SQLite has none), is seen within that."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    async with start_broker(settings_for(url, local_aws, template_url), broker_identity) as running:
+        await connect(running, local_aws, tenant)
+        issue = pb.IssueCredentialsRequest(tenant_id=tenant, run_id="r")
+        await running.stub.IssueCredentials(issue)
+        other = await open_store(url)
+        try:
+            current = await other.get(tenant)
+            assert current is not None
+            await other.save(
+                replace(current, status=Status.DISCONNECTED, disconnected_at=datetime.now(UTC)),
+                new_external_id=False,
+            )
+        finally:
+            await other.close()
+        written = time.monotonic()
+        answers: list[grpc.StatusCode] = []
+        while not answers or answers[-1] == grpc.StatusCode.OK:
+            assert time.monotonic() - written < GRANT_FRESH_SECONDS + 0.5, answers
+            try:
+                await running.stub.IssueCredentials(issue)
+                answers.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as refused:
+                answers.append(refused.code())
+            await asyncio.sleep(0.05)
+        assert answers[-1] == grpc.StatusCode.FAILED_PRECONDITION

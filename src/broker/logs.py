@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 import threading
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,6 +77,7 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.interval = interval
         self.max_lines = max_lines
         self._pending: list[str] = []  # formatted lines not written yet; under self.lock
+        self._closed = threading.Event()
         threading.Thread(target=self._flush_forever, name="log-flush", daemon=True).start()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -97,9 +97,13 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self.stream.write("\n".join(lines) + "\n")
             super().flush()
 
+    def close(self) -> None:
+        self._closed.set()
+        self.flush()
+        super().close()
+
     def _flush_forever(self) -> None:
-        while True:
-            time.sleep(self.interval)
+        while not self._closed.wait(self.interval):
             self.flush()
 
 
@@ -117,6 +121,9 @@ def configure(level: str, fmt: str = "json") -> None:
         else FieldsFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     )
     root = logging.getLogger()
+    for replaced in root.handlers:
+        if isinstance(replaced, BatchingStreamHandler):
+            replaced.close()
     root.handlers[:] = [handler]
     root.setLevel(level)
     protect_secrets()

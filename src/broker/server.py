@@ -256,6 +256,7 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
             "trusted_principal": principal,
             "health_listen": settings.health_listen,
             "metrics_port": broker.metrics_port,
+            "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
         },
     )
     return broker
