@@ -58,3 +58,29 @@ def test_the_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
     table = (tmp_path / "benchmarks.md").read_text()
     assert "| broker (asyncio), c=16: throughput |" in table
     assert "| 1,000 cached runs: RSS (" in table
+
+
+def test_another_revision_is_measured_beside_this_one() -> None:
+    if shutil.which("h2load") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs h2load and a git checkout")
+    worktrees = _worktrees()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.versus", "HEAD", "--rounds=1", "--seconds=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for concurrency in ("c=1", "c=16", "c=64"):
+        assert concurrency in done.stdout
+    assert done.stdout.count("HEAD:") == 3
+    assert done.stdout.count("this checkout:") == 3
+    assert _worktrees() == worktrees, "the temporary checkout is removed"
+
+
+def _worktrees() -> list[str]:
+    listed = subprocess.run(
+        ["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return listed.stdout.splitlines()
