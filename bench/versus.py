@@ -26,9 +26,11 @@ from bench.world import SERVER_CORE, World, connect, free_port, stub_for, world
 from broker.v1 import broker_pb2 as pb
 
 
-def _start(aws: World, name: str, src: Path | None) -> tuple[Process, int]:
+def _start(aws: World, name: str, src: Path | None, loop: str) -> tuple[Process, int]:
     port, metrics_port = free_port(), free_port()
-    env = aws.broker_env(listen=f"127.0.0.1:{port}", metrics_listen=f"127.0.0.1:{metrics_port}")
+    env = aws.broker_env(
+        listen=f"127.0.0.1:{port}", metrics_listen=f"127.0.0.1:{metrics_port}", event_loop=loop
+    )
     if src is not None:
         env["PYTHONPATH"] = str(src)
     process = Process(
@@ -43,12 +45,12 @@ def _start(aws: World, name: str, src: Path | None) -> tuple[Process, int]:
     return process, port
 
 
-async def compare(revision: str, checkout: Path, rounds: int, seconds: int) -> None:
+async def compare(revision: str, checkout: Path, rounds: int, seconds: int, loop: str) -> None:
     with world() as aws:
         servers: list[tuple[Server, Path, Process]] = []
         response = b""
         for name, src in ((revision, checkout / "src"), ("this checkout", None)):
-            process, port = _start(aws, name.replace(" ", "-"), src)
+            process, port = _start(aws, name.replace(" ", "-"), src, loop)
             tenant = f"versus-{len(servers)}"
             async with stub_for(f"127.0.0.1:{port}") as (stub,):
                 await connect(aws, stub, tenant)
@@ -56,11 +58,11 @@ async def compare(revision: str, checkout: Path, rounds: int, seconds: int) -> N
                 response = (await stub.IssueCredentials(request)).SerializeToString()
             frame = aws.folder / f"{tenant}.frame"
             frame.write_bytes(grpc_frame(request))
-            servers.append((Server(name, port, process.process.pid, "asyncio"), frame, process))
+            servers.append((Server(name, port, process.process.pid, loop), frame, process))
         answer = aws.folder / "response"
         answer.write_bytes(response)
-        bare, port = start_bare(answer, "asyncio", aws.folder / "bare.log", SERVER_CORE)
-        servers.append((Server("bare handler", port, bare.process.pid, "asyncio"), frame, bare))
+        bare, port = start_bare(answer, loop, aws.folder / "bare.log", SERVER_CORE)
+        servers.append((Server("bare handler", port, bare.process.pid, loop), frame, bare))
         try:
             for concurrency in (1, 16, 64):
                 results: dict[str, list[tuple[float, float]]] = {}
@@ -91,6 +93,13 @@ def main() -> None:
     parser.add_argument("revision")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=int, default=2)
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="BROKER_EVENT_LOOP for both, and the bare handler's loop (revisions older than the "
+        "setting run on asyncio whatever it says)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="broker-versus-") as folder:
         checkout = Path(folder) / "checkout"
@@ -99,7 +108,7 @@ def main() -> None:
             check=True,
         )
         try:
-            asyncio.run(compare(args.revision, checkout, args.rounds, args.seconds))
+            asyncio.run(compare(args.revision, checkout, args.rounds, args.seconds, args.loop))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(checkout)], check=True)
 

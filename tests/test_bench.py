@@ -56,7 +56,7 @@ def test_the_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
     assert named["100 streams: streams that ended"]["value"] == 0
 
     table = (tmp_path / "benchmarks.md").read_text()
-    assert "| broker (asyncio), c=16: throughput |" in table
+    assert "| broker (uvloop), c=16: throughput |" in table
     assert "| 1,000 cached runs: RSS (" in table
 
 

@@ -174,9 +174,11 @@ def test_serve_on_a_taken_port_says_which_setting() -> None:
             assert f"{setting}={address}: cannot listen there" in done.stderr
 
 
-def test_serve_on_uvloop_serves_and_stops_cleanly(tmp_path: Path) -> None:
-    env = os.environ | {
-        "BROKER_EVENT_LOOP": "uvloop",
+@pytest.mark.parametrize(("setting", "loop"), [(None, "uvloop"), ("asyncio", "asyncio")])
+def test_serve_runs_on_the_event_loop_set(tmp_path: Path, setting: str | None, loop: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "BROKER_EVENT_LOOP"}
+    env |= {"BROKER_EVENT_LOOP": setting} if setting else {}
+    env |= {
         "BROKER_LISTEN": "127.0.0.1:0",
         "BROKER_METRICS_LISTEN": "127.0.0.1:0",
         "BROKER_TEMPLATE_URL": "https://x",
@@ -186,7 +188,7 @@ def test_serve_on_uvloop_serves_and_stops_cleanly(tmp_path: Path) -> None:
     broker = BrokerProcess(["serve"], env, tmp_path / "serve.log")
     try:
         port = broker.wait_serving()
-        assert '"event_loop": "uvloop"' in broker.text()
+        assert f'"event_loop": "{loop}"' in broker.text()
         done = run(GRPCURL, "-plaintext", f"127.0.0.1:{port}", "grpc.health.v1.Health/Check")
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == {"status": "SERVING"}

@@ -43,7 +43,7 @@ def pem(tmp_path: Path) -> str:
         ({"database_url": "mysql://x"}, "sqlite:///"),
         ({"log_level": "LOUD"}, "DEBUG, INFO"),
         ({"tls_cert_file": "/nonexistent.pem"}, "BROKER_TLS_CERT_FILE"),
-        ({"event_loop": "tokio"}, "'asyncio' or 'uvloop'"),
+        ({"event_loop": "tokio"}, "'uvloop' or 'asyncio'"),
         ({"rpc_log": "some"}, "'all' or 'errors'"),
     ],
 )
