@@ -31,6 +31,13 @@ class Figure:
         return self.value / self.baseline
 
 
+def sts_bound(section: str, what: str, most: float, bound: int) -> Figure:
+    """The most AssumeRole calls in flight at once, against BROKER_STS_MAX_CONCURRENCY."""
+    return Figure(
+        section, what, most, "calls", bound, "BROKER_STS_MAX_CONCURRENCY", "≤ 1×", most <= bound
+    )
+
+
 @dataclass
 class Report:
     figures: list[Figure] = field(default_factory=list)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.report import Figure, Report
+from bench.report import Figure, Report, sts_bound
 from bench.world import World, connect, stub_for
 from broker.v1 import broker_pb2 as pb
 
@@ -142,18 +142,7 @@ async def run(world: World, report: Report, *, quick: bool) -> None:
                 note=f"{served[0]:.1f} / {statistics.median(served):.1f} / {served[-1]:.1f} s",
             )
         )
-        report.add(
-            Figure(
-                section,
-                f"{n:,} streams: most AssumeRole in flight",
-                most,
-                "calls",
-                bound,
-                "BROKER_STS_MAX_CONCURRENCY",
-                "≤ 1×",
-                most <= bound,
-            )
-        )
+        report.add(sts_bound(section, f"{n:,} streams: most AssumeRole in flight", most, bound))
         late = sum(after >= lifetime for after in served)
         report.add(
             Figure(

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 
 from bench.procs import pinned
-from bench.report import Figure, Report
+from bench.report import Figure, Report, sts_bound
 from bench.world import SERVER_CORE, World, connect, stub_for
 from broker.v1 import broker_pb2 as pb
 
@@ -174,15 +174,8 @@ async def cold(world: World, report: Report, *, quick: bool) -> None:
                     )
                     most = world.aws.sts.most_in_flight
                     report.add(
-                        Figure(
-                            section,
-                            f"{n} new runs at once: most AssumeRole in flight",
-                            most,
-                            "calls",
-                            bound,
-                            "BROKER_STS_MAX_CONCURRENCY",
-                            "≤ 1×",
-                            most <= bound,
+                        sts_bound(
+                            section, f"{n} new runs at once: most AssumeRole in flight", most, bound
                         )
                     )
     finally:
