@@ -117,10 +117,6 @@ class Connections:
         self._forgotten += 1
         self._last_grants.pop(tenant_id, None)
 
-    def forget_all(self) -> None:
-        self._forgotten += 1
-        self._last_grants.clear()
-
     async def _save(
         self,
         connection: Connection,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine
@@ -226,11 +225,6 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
             return {}
 
     metrics.watch(cache, hub, settings.cache_max_entries, count_connections)
-    # What start-up loaded (botocore's service models, pydantic, protobuf descriptors) lives as
-    # long as the process: out of the collector's sight, so a full collection costs what the
-    # requests allocated, not the whole heap (see docs/benchmarks.md).
-    gc.collect()
-    gc.freeze()
     broker = Broker(
         settings,
         server,
