@@ -147,8 +147,8 @@ class Settings(BaseSettings):
     rpc_log: Literal["all", "errors"] = Field(
         "all",
         description="Which RPCs get their INFO line: all, or errors (those that did not end "
-        "OK; the metrics still count every call). The line is a fifth of a cached "
-        "IssueCredentials' cost (docs/benchmarks.md). Audit events are logged either way.",
+        "OK; the metrics still count every call). The line costs up to a tenth of a cached "
+        "IssueCredentials (docs/benchmarks.md). Audit events are logged either way.",
     )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop",

@@ -67,10 +67,10 @@ _ENCODER = json.JSONEncoder(default=str)  # json.dumps(default=…) would make o
 
 class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes lines in batches: at most `interval` seconds after they were logged, at once
-    for WARNING and above, and at exit (logging.shutdown flushes). One write per line cost
-    more than a third of an IssueCredentials answered from the cache (docs/benchmarks.md); a
-    busy broker now writes ten times a second. The same trade as nginx's buffered access log:
-    a SIGKILL can lose the last `interval` of INFO lines."""
+    for WARNING and above, and at exit (logging.shutdown flushes). Written as they came, every
+    RPC's line was a system call of its own; a busy broker now writes ten times a second. The
+    same trade as nginx's buffered access log: a SIGKILL can lose the last `interval` of INFO
+    lines."""
 
     def __init__(self, stream: Any, interval: float = 0.1, max_lines: int = 1000) -> None:
         super().__init__(stream)
