@@ -13,13 +13,13 @@ from bench.report import Figure, Report
 from bench.world import World, free_port, wait_serving
 
 
-async def _to_serving(command: list[str], env: dict[str, str] | None, port: int) -> float:
+def _to_serving(command: list[str], env: dict[str, str] | None, port: int) -> float:
     started = time.perf_counter()
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        await wait_serving(f"127.0.0.1:{port}", timeout=60)
+        wait_serving(f"127.0.0.1:{port}")
         return time.perf_counter() - started
     finally:
         process.terminate()
@@ -35,10 +35,10 @@ async def run(world: World, report: Report, *, quick: bool) -> None:
     for _ in range(samples):
         port = free_port()
         env = world.broker_env(listen=f"127.0.0.1:{port}")
-        broker.append(await _to_serving([str(BIN / "broker"), "serve"], env, port))
+        broker.append(_to_serving([str(BIN / "broker"), "serve"], env, port))
         port = free_port()
         bare.append(
-            await _to_serving(
+            _to_serving(
                 [sys.executable, "-m", "bench.bare", str(response), f"--port={port}"], None, port
             )
         )

@@ -11,81 +11,55 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from bench.hot import Server, grpc_frame, measure, start_bare
-from bench.procs import Process, pinned
-from bench.world import SERVER_CORE, World, connect, free_port, stub_for, world
+from bench.world import SERVER_CORE, connect, stub_for, world
 from broker.v1 import broker_pb2 as pb
 
 
-def _start(aws: World, name: str, src: Path | None, loop: str) -> tuple[Process, int]:
-    port, metrics_port = free_port(), free_port()
-    env = aws.broker_env(
-        listen=f"127.0.0.1:{port}", metrics_listen=f"127.0.0.1:{metrics_port}", event_loop=loop
-    )
-    if src is not None:
-        env["PYTHONPATH"] = str(src)
-    process = Process(
-        pinned([sys.executable, "-m", "broker", "serve"], SERVER_CORE),
-        aws.folder / f"{name}.log",
-        env=env,
-    )
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60
-        )
-    return process, port
-
-
 async def compare(revision: str, checkout: Path, rounds: int, seconds: int, loop: str) -> None:
-    with world() as aws:
-        servers: list[tuple[Server, Path, Process]] = []
+    with world() as aws, contextlib.ExitStack() as stack:
+        servers: list[tuple[Server, Path]] = []
         response = b""
         for name, src in ((revision, checkout / "src"), ("this checkout", None)):
-            process, port = _start(aws, name.replace(" ", "-"), src, loop)
             tenant = f"versus-{len(servers)}"
-            async with stub_for(f"127.0.0.1:{port}") as (stub,):
+            broker = stack.enter_context(aws.broker(tenant, src=src, event_loop=loop))
+            async with stub_for(broker.target) as (stub,):
                 await connect(aws, stub, tenant)
                 request = pb.IssueCredentialsRequest(tenant_id=tenant, run_id="run-1")
                 response = (await stub.IssueCredentials(request)).SerializeToString()
             frame = aws.folder / f"{tenant}.frame"
             frame.write_bytes(grpc_frame(request))
-            servers.append((Server(name, port, process.process.pid, loop), frame, process))
+            servers.append((Server(name, broker.port, broker.process.process.pid, loop), frame))
         answer = aws.folder / "response"
         answer.write_bytes(response)
         bare, port = start_bare(answer, loop, aws.folder / "bare.log", SERVER_CORE)
-        servers.append((Server("bare handler", port, bare.process.pid, loop), frame, bare))
-        try:
-            for concurrency in (1, 16, 64):
-                results: dict[str, list[tuple[float, float]]] = {}
-                for _ in range(rounds):
-                    for server, frame, _ in servers:
-                        load, cpu = measure(
-                            server, frame, concurrency, seconds, aws.folder / "h2load.log"
-                        )
-                        results.setdefault(server.name, []).append((load.rps, cpu))
-                medians = {
-                    name: (statistics.median(r for r, _ in v), statistics.median(c for _, c in v))
-                    for name, v in results.items()
-                }
-                ceiling = medians["bare handler"][0]
-                print(f"c={concurrency}")
-                for name, (rps, cpu) in medians.items():
-                    print(
-                        f"  {name:>20}: {rps:7,.0f} RPC/s ({rps / ceiling:.2f}× bare), "
-                        f"{cpu:4.0f} µs CPU per call"
+        stack.callback(bare.stop)
+        servers.append((Server("bare handler", port, bare.process.pid, loop), frame))
+        for concurrency in (1, 16, 64):
+            results: dict[str, list[tuple[float, float]]] = {}
+            for _ in range(rounds):
+                for server, frame in servers:
+                    load, cpu = measure(
+                        server, frame, concurrency, seconds, aws.folder / "h2load.log"
                     )
-        finally:
-            for _, _, process in servers:
-                process.stop()
+                    results.setdefault(server.name, []).append((load.rps, cpu))
+            medians = {
+                name: (statistics.median(r for r, _ in v), statistics.median(c for _, c in v))
+                for name, v in results.items()
+            }
+            ceiling = medians["bare handler"][0]
+            print(f"c={concurrency}")
+            for name, (rps, cpu) in medians.items():
+                print(
+                    f"  {name:>20}: {rps:7,.0f} RPC/s ({rps / ceiling:.2f}× bare), "
+                    f"{cpu:4.0f} µs CPU per call"
+                )
 
 
 def main() -> None:

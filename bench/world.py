@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -79,25 +80,26 @@ class World:
 
     @contextlib.contextmanager
     def broker(
-        self, name: str, core: int | None = SERVER_CORE, **settings: object
+        self,
+        name: str,
+        core: int | None = SERVER_CORE,
+        src: Path | None = None,
+        **settings: object,
     ) -> Iterator[RunningBroker]:
+        """`broker serve` with `settings`; with `src`, the broker package found there (another
+        revision's) instead of this checkout's, on this checkout's dependencies."""
         port, metrics_port = free_port(), free_port()
-        process = Process(
-            pinned([str(BIN / "broker"), "serve"], core),
-            self.folder / f"{name}.log",
-            env=self.broker_env(
-                listen=f"127.0.0.1:{port}", metrics_listen=f"127.0.0.1:{metrics_port}", **settings
-            ),
+        env = self.broker_env(
+            listen=f"127.0.0.1:{port}", metrics_listen=f"127.0.0.1:{metrics_port}", **settings
         )
+        command = [str(BIN / "broker"), "serve"]
+        if src is not None:
+            env["PYTHONPATH"] = str(src)
+            command = [sys.executable, "-m", "broker", "serve"]
+        process = Process(pinned(command, core), self.folder / f"{name}.log", env=env)
         try:
             # Health, not the log: a broker may be measured with its INFO lines off.
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                health = health_pb2_grpc.HealthStub(channel)
-                answer = health.Check(
-                    health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60
-                )
-            if answer.status != health_pb2.HealthCheckResponse.SERVING:
-                raise RuntimeError(f"{name} is not SERVING")
+            wait_serving(f"127.0.0.1:{port}")
             yield RunningBroker(process, port, metrics_port)
         finally:
             process.stop()
@@ -145,11 +147,11 @@ async def connect(world: World, stub: Any, tenant: str) -> None:
         raise RuntimeError(f"tenant {tenant} did not become ACTIVE")
 
 
-async def wait_serving(target: str, timeout: float = 30) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        answer = await health.Check(
+def wait_serving(target: str, timeout: float = 60) -> None:
+    """Until grpc.health.v1 at `target` answers SERVING."""
+    with grpc.insecure_channel(target) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=timeout
         )
-        if answer.status != health_pb2.HealthCheckResponse.SERVING:
-            raise RuntimeError(f"{target} is not SERVING")
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        raise RuntimeError(f"{target} is not SERVING")
