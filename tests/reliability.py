@@ -26,6 +26,14 @@ class Row:
 ROWS: list[Row] = []
 
 
+def record(row: Row) -> None:
+    """Add the scenario's row to the report, then hold it to what every scenario must show: no
+    credentials lost, no stream dropped while its credentials were valid."""
+    ROWS.append(row)
+    assert row.credentials_lost == 0, row
+    assert row.streams_dropped == 0, row
+
+
 def table() -> str:
     lines = [
         "| scenario | faults injected | requests | failures by code | credentials lost "
