@@ -118,7 +118,7 @@ def world() -> Iterator[World]:
         aws = LocalAws().start()
         try:
             identity = aws.create_user("credential-broker")
-            yield World(aws, identity, aws.publish_template(), Path(folder))
+            yield World(aws, identity, aws.publish_template(identity.arn), Path(folder))
         finally:
             aws.stop()
 

@@ -43,8 +43,9 @@ def broker_identity(local_aws: LocalAws) -> Identity:
 
 
 @pytest.fixture(scope="session")
-def template_url(local_aws: LocalAws) -> str:
-    return local_aws.publish_template()
+def template_url(local_aws: LocalAws, broker_identity: Identity) -> str:
+    """The customer template, published as an operator does: made for the broker's principal."""
+    return local_aws.publish_template(broker_identity.arn)
 
 
 @pytest.fixture(autouse=True)

@@ -138,10 +138,55 @@ def test_serve_help_lists_every_setting() -> None:
 
 
 def test_template_command_prints_the_customer_template() -> None:
-    done = run(sys.executable, "-m", "broker", "template")
-    assert done.returncode == 0
-    assert done.stdout == template_body()
+    principal = "arn:aws:iam::123456789012:role/platform/credential-broker"
+    done = run(sys.executable, "-m", "broker", "template", "--trusted-principal-arn", principal)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == template_body(principal)
+    assert f'AWS: "{principal}"' in done.stdout
     assert "sts:ExternalId" in done.stdout
+
+
+def test_template_takes_the_principal_from_the_environment() -> None:
+    principal = "arn:aws-cn:iam::123456789012:user/credential-broker"
+    env = os.environ | {"BROKER_TRUSTED_PRINCIPAL_ARN": principal}
+    done = run(str(BIN / "broker"), "template", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == template_body(principal)
+
+
+def test_template_without_a_principal_says_how_to_give_one() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    for unset in (env, env | {"BROKER_TRUSTED_PRINCIPAL_ARN": ""}):
+        done = run(str(BIN / "broker"), "template", env=unset)
+        assert done.returncode == 2
+        assert done.stdout == ""
+        (line,) = done.stderr.splitlines()
+        assert "--trusted-principal-arn" in line
+        assert "BROKER_TRUSTED_PRINCIPAL_ARN" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "principal", "named"),
+    [
+        (["--trusted-principal-arn", "*"], None, "--trusted-principal-arn"),
+        (["--trusted-principal-arn", "arn:aws:iam::123456789012:root"], None, "--trusted"),
+        (["--trusted-principal-arn", "arn:aws:iam::123456789012:role/*"], None, "--trusted"),
+        ([], "arn:aws:iam::*:role/credential-broker", "BROKER_TRUSTED_PRINCIPAL_ARN"),
+        ([], "arn:aws:iam::123456789012:group/admins", "BROKER_TRUSTED_PRINCIPAL_ARN"),
+    ],
+)
+def test_template_refuses_a_principal_customers_must_not_trust(
+    args: list[str], principal: str | None, named: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env |= {"BROKER_TRUSTED_PRINCIPAL_ARN": principal} if principal else {}
+    done = run(str(BIN / "broker"), "template", *args, env=env)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert named in line
+    assert "is not an IAM role or user ARN" in line
+    assert "Traceback" not in done.stderr
 
 
 def test_migrate_brings_the_schema_up_to_date(tmp_path: Path) -> None:

@@ -33,7 +33,8 @@ async def test_create_connect_issue_watch_release_disconnect(
     )
     assert params["param_ExternalId"] == created.external_id
     assert params["templateURL"] == created.template_url
-    assert params["param_TrustedPrincipalArn"] == created.trusted_principal_arn
+    # Whom the role trusts is in the published template, never in the (editable) link.
+    assert set(params) == {"region", "templateURL", "stackName", "param_ExternalId"}
 
     again = (await stub.CreateConnection(pb.CreateConnectionRequest(tenant_id=tenant))).connection
     assert again.external_id == created.external_id, "PENDING: the same link again"

@@ -20,6 +20,7 @@ from broker.config import (
 )
 from broker.template import template_body
 
+PRINCIPAL_VARIABLE = "BROKER_TRUSTED_PRINCIPAL_ARN"
 DEV_BANNER = """\
 ================================================================================
  credential broker: DEVELOPMENT MODE
@@ -57,7 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     stack.add_argument("quick_create_url")
     stack.add_argument("--aws-endpoint", default="http://127.0.0.1:5000")
-    commands.add_parser("template", help="print the customer's CloudFormation template")
+    template = commands.add_parser(
+        "template",
+        help="print the customer's CloudFormation template, made for this deployment's principal",
+        description="Print the template to publish at BROKER_TEMPLATE_URL. The role it creates "
+        "trusts exactly the given principal (no link parameter can change that): publish it "
+        "again whenever the principal changes.",
+    )
+    template.add_argument(
+        "--trusted-principal-arn",
+        metavar="ARN",
+        help=f"the IAM role (or user) ARN customers' roles trust; default: ${PRINCIPAL_VARIABLE}",
+    )
     commands.add_parser(
         "migrate",
         help="bring the store's schema (BROKER_DATABASE_URL) up to date; `serve` does it too",
@@ -85,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "template":
-            sys.stdout.write(template_body())
+            sys.stdout.write(_template(args.trusted_principal_arn))
         elif args.command == "serve":
             _serve()
         elif args.command == "dev":
@@ -106,6 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _template(flag: str | None) -> str:
+    # The one variable is read on its own, not through load_settings: printing a template must
+    # not need the rest of a serving configuration to be valid.
+    source, arn = ("--trusted-principal-arn", flag)
+    if flag is None:
+        source, arn = (PRINCIPAL_VARIABLE, os.environ.get(PRINCIPAL_VARIABLE) or None)
+    if arn is None:
+        raise ConfigError(
+            f"template: give --trusted-principal-arn ARN or set {PRINCIPAL_VARIABLE}: the "
+            "principal customers' roles will trust"
+        )
+    try:
+        return template_body(arn)
+    except ValueError as exc:
+        raise ConfigError(f"template: {source}: {exc}") from None
 
 
 def _serve() -> None:
@@ -158,7 +187,7 @@ def _dev(aws_port: int) -> None:
     identity = aws.create_user("credential-broker")
     overrides: dict[str, object] = {
         "aws_endpoint_url": aws.endpoint_url,
-        "template_url": aws.publish_template(),
+        "template_url": aws.publish_template(identity.arn),
         "trusted_principal_arn": identity.arn,
     }
     if "BROKER_DATABASE_URL" not in os.environ:

@@ -356,7 +356,6 @@ class Connections:
             region=connection.region,
             tenant_id=connection.tenant_id,
             external_id=connection.external_id,
-            trusted_principal_arn=self.settings.trusted_principal_arn,
         )
 
 

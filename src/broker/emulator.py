@@ -13,6 +13,7 @@ Requires the `dev` extra (moto, boto3). Never point a production broker at it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -26,6 +27,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import boto3
+import yaml  # type: ignore[import-untyped]  # PyYAML comes with moto[server], untyped
 from moto.iam.models import get_account_id_from, iam_backends
 from moto.moto_server.werkzeug_app import (
     DomainDispatcherApplication,
@@ -258,27 +260,44 @@ class EmulatorClient:
         key = iam.create_access_key(UserName=name)["AccessKey"]
         return Identity(arn, key["AccessKeyId"], key["SecretAccessKey"])
 
-    def publish_template(self) -> str:
-        """Put the customer template in the emulator's S3; returns its URL."""
+    def publish_template(self, trusted_principal_arn: str) -> str:
+        """Put the customer template, rendered for `trusted_principal_arn`, in the emulator's S3
+        (as an operator publishes `broker template`); returns its URL."""
         s3 = self.client("s3")
-        s3.create_bucket(Bucket=TEMPLATE_BUCKET)
-        s3.put_object(Bucket=TEMPLATE_BUCKET, Key=TEMPLATE_KEY, Body=template_body().encode())
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+            s3.create_bucket(Bucket=TEMPLATE_BUCKET)
+        body = template_body(trusted_principal_arn).encode()
+        s3.put_object(Bucket=TEMPLATE_BUCKET, Key=TEMPLATE_KEY, Body=body)
         return f"{self.endpoint_url}/{TEMPLATE_BUCKET}/{TEMPLATE_KEY}"
 
+    def fetch_template(self, template_url: str) -> str:
+        """The template published at `template_url` in the emulator's S3."""
+        prefix = self.endpoint_url + "/"
+        bucket, _, key = template_url.removeprefix(prefix).partition("/")
+        if not template_url.startswith(prefix) or not key:
+            raise ValueError(f"{template_url!r} is not an object in this emulator's S3")
+        obj = self.client("s3").get_object(Bucket=bucket, Key=key)
+        return str(obj["Body"].read().decode("utf-8"))
+
     def create_customer_stack(self, quick_create_url: str, account: str = CUSTOMER_ACCOUNT) -> str:
-        """Do what the customer does with the quick-create link: create the stack from the
-        template with the link's parameters, in their account. Returns the RoleArn output."""
+        """Do what the customer's console does with a quick-create link: read the template at
+        its templateURL, fill the parameters the template declares from the link's param_
+        values (others are ignored; each value must meet its parameter's constraints), and
+        create the stack in the customer's account. Returns the RoleArn output."""
         query = parse_qs(urlsplit(quick_create_url).fragment.partition("?")[2])
-        parameters = [
-            {"ParameterKey": key.removeprefix("param_"), "ParameterValue": values[0]}
-            for key, values in query.items()
-            if key.startswith("param_")
-        ]
+        body = self.fetch_template(query["templateURL"][0])
+        parameters = []
+        for name, declared in _declared_parameters(body).items():
+            values = query.get(f"param_{name}")
+            if values is None:
+                continue  # the template's default, if any (CloudFormation refuses a missing one)
+            _check_parameter(name, declared, values[0])
+            parameters.append({"ParameterKey": name, "ParameterValue": values[0]})
         stack_name = query["stackName"][0]
         cloudformation = self.client("cloudformation", account)
         cloudformation.create_stack(
             StackName=stack_name,
-            TemplateBody=template_body(),
+            TemplateBody=body,
             Parameters=parameters,
             Capabilities=["CAPABILITY_IAM"],
         )
@@ -287,6 +306,24 @@ class EmulatorClient:
             raise RuntimeError(f"stack {stack_name} is {stack['StackStatus']}")
         outputs = {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}
         return str(outputs["RoleArn"])
+
+
+def _declared_parameters(template: str) -> dict[str, dict[str, Any]]:
+    """The Parameters section of a YAML template (intrinsic-function tags read as null)."""
+
+    loader: Any = type("TemplateLoader", (yaml.SafeLoader,), {})
+    loader.add_multi_constructor("!", lambda *_: None)
+    parsed = yaml.load(template, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+    return dict(parsed.get("Parameters") or {})
+
+
+def _check_parameter(name: str, declared: dict[str, Any], value: str) -> None:
+    """Refuse a value as CloudFormation does: AllowedPattern matches the whole value."""
+    pattern = declared.get("AllowedPattern")
+    too_short = len(value) < int(declared.get("MinLength", 0))
+    too_long = len(value) > int(declared.get("MaxLength", len(value)))
+    if too_short or too_long or (pattern is not None and not re.fullmatch(pattern, value)):
+        raise ValueError(f"Parameter '{name}' must match pattern {pattern} (given {value!r})")
 
 
 class LocalAws(EmulatorClient):

@@ -1,4 +1,9 @@
-"""The customer's CloudFormation template and the quick-create link that opens it in the console."""
+"""The customer's CloudFormation template and the quick-create link that opens it in the console.
+
+The template is rendered per deployment with the broker's principal built in: a quick-create
+link is a URL anyone can edit, so nothing in it decides whom the customer's role trusts. The link
+carries only the stack name and the connection's external ID.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,32 @@ from importlib import resources
 from urllib.parse import quote, urlencode
 
 STACK_NAME_PREFIX = "credential-broker-"
+# Where the packaged template names the principal; `template_body` puts the ARN there.
+PRINCIPAL_PLACEHOLDER = "{{TrustedPrincipalArn}}"
+# An IAM role or user (with its path), in a partition the broker supports. Names and path
+# segments use IAM's name characters only: no wildcard, no quote, no account root.
+PRINCIPAL_ARN = re.compile(
+    r"arn:(aws|aws-cn|aws-us-gov):iam::[0-9]{12}:(role|user)/([\w+=,.@-]+/)*[\w+=,.@-]{1,64}",
+    re.ASCII,
+)
 
 
-def template_body() -> str:
-    """The template CreateConnection's link points to (deploy/cloudformation/customer-role.yaml)."""
-    return (resources.files("broker") / "customer-role.yaml").read_text(encoding="utf-8")
+def check_principal(arn: str) -> str:
+    """`arn` if customers' roles may trust it; ValueError saying what is wrong otherwise."""
+    if not PRINCIPAL_ARN.fullmatch(arn):
+        raise ValueError(
+            f"{arn!r} is not an IAM role or user ARN "
+            "(arn:aws|aws-cn|aws-us-gov:iam::<12 digits>:role/[path/]name, or user/): customers' "
+            "roles trust exactly this principal, so no wildcard and no account root"
+        )
+    return arn
+
+
+def template_body(trusted_principal_arn: str) -> str:
+    """The customer's template, trusting `trusted_principal_arn` (validated) and nobody else.
+    deploy/cloudformation/customer-role.yaml is this for an example principal."""
+    source = (resources.files("broker") / "customer-role.yaml").read_text(encoding="utf-8")
+    return source.replace(PRINCIPAL_PLACEHOLDER, check_principal(trusted_principal_arn))
 
 
 def stack_name(tenant_id: str) -> str:
@@ -27,16 +53,13 @@ def console_host(region: str) -> str:
     return "console.aws.amazon.com"
 
 
-def quick_create_url(
-    *, template_url: str, region: str, tenant_id: str, external_id: str, trusted_principal_arn: str
-) -> str:
-    """The console link that creates the customer's stack with every parameter filled in."""
+def quick_create_url(*, template_url: str, region: str, tenant_id: str, external_id: str) -> str:
+    """The console link that creates the customer's stack with its one parameter filled in."""
     query = urlencode(
         {
             "templateURL": template_url,
             "stackName": stack_name(tenant_id),
             "param_ExternalId": external_id,
-            "param_TrustedPrincipalArn": trusted_principal_arn,
         },
         quote_via=quote,
     )
