@@ -13,6 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from broker import auth
 from broker.auth import hash_token, new_token
 from broker.emulator import Identity, LocalAws
 from broker.v1 import broker_pb2 as pb
@@ -86,7 +87,7 @@ async def mtls_broker(
         pki,
         broker_settings,
         tls_client_ca_file=str(pki.files["ca"]),
-        policy=POLICY + "; ops.internal=GetConnection",
+        policy=POLICY + "; dns:ops.internal=GetConnection",
     )
     async with start_broker(settings, broker_identity) as running:
         yield running.address
@@ -127,7 +128,7 @@ async def test_mtls_identities_get_only_their_rpcs(
         assert await refused_code(launcher_channel, "Disconnect", disconnect) == (
             grpc.StatusCode.PERMISSION_DENIED
         )
-        # A certificate without a SPIFFE ID is known by its DNS SAN.
+        # A certificate without a SPIFFE ID is dns:NAME where the policy names its DNS SAN so.
         ops = broker_pb2_grpc.CredentialBrokerStub(ops_channel)
         got = await ops.GetConnection(pb.GetConnectionRequest(tenant_id=tenant))
         assert got.connection.status == pb.CONNECTION_STATUS_ACTIVE
@@ -163,7 +164,7 @@ async def test_tokens_authenticate_by_hash_and_never_reach_the_log(
         pki,
         broker_settings,
         token_hashes=f"launcher={hash_token(launcher_token)},ui={hash_token(ui_token)}",
-        policy="ui=connections; launcher=credentials@acme|globex",
+        policy="token:ui=connections; token:launcher=credentials@acme|globex",
     )
     caplog.set_level(logging.INFO)
     async with (
@@ -199,12 +200,198 @@ async def test_tokens_authenticate_by_hash_and_never_reach_the_log(
 
     lines = [r for r in caplog.records if r.name == "broker.service"]
     assert [getattr(r, "caller", None) for r in lines[-4:]] == [
-        "ui",
-        "launcher",
-        "launcher",
-        "launcher",
+        "token:ui",
+        "token:launcher",
+        "token:launcher",
+        "token:launcher",
     ]
     logged = "\n".join(f"{r.getMessage()} {vars(r)}" for r in caplog.records)
     assert launcher_token not in logged
     assert ui_token not in logged
     assert launcher_token[:-2] not in logged
+
+
+@dataclass(frozen=True)
+class Presented:
+    """One row: a client certificate from the trusted CA (its SANs), maybe the launcher's
+    token, the call, and what the broker must answer: OK or a status code, the caller the log
+    line then names, or a phrase of the refusal."""
+
+    uris: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
+    token: bool = False
+    rpc: str = "IssueCredentials"
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    caller: str = ""
+    refusal: str = ""
+
+
+NUL_CUT = "\x00.attacker.example"
+PRESENTED = {
+    "the launcher's SPIFFE ID": Presented(uris=(LAUNCHER,), caller=LAUNCHER),
+    "the launcher's token, with a certificate naming no caller": Presented(
+        token=True, caller="token:launcher"
+    ),
+    "a DNS SAN spelling the launcher's SPIFFE ID": Presented(
+        dns=(LAUNCHER,), code=grpc.StatusCode.UNAUTHENTICATED, refusal="names no caller"
+    ),
+    "a DNS SAN spelling the token's name": Presented(
+        dns=("launcher",), code=grpc.StatusCode.UNAUTHENTICATED, refusal="names no caller"
+    ),
+    "a DNS SAN spelling token:launcher": Presented(
+        dns=("token:launcher",), code=grpc.StatusCode.UNAUTHENTICATED, refusal="names no caller"
+    ),
+    "two URI SANs, one the launcher's": Presented(
+        uris=(LAUNCHER, UI), code=grpc.StatusCode.UNAUTHENTICATED, refusal="2 URI SANs"
+    ),
+    "two URI SANs, with the launcher's token": Presented(
+        uris=(LAUNCHER, "https://example.org/launcher"),
+        token=True,
+        code=grpc.StatusCode.UNAUTHENTICATED,
+        refusal="2 URI SANs",
+    ),
+    "the launcher's SPIFFE ID followed by a NUL byte": Presented(
+        uris=(LAUNCHER + NUL_CUT,), code=grpc.StatusCode.UNAUTHENTICATED, refusal="NUL"
+    ),
+    "a SPIFFE ID with an upper-case trust domain": Presented(
+        uris=("spiffe://Example.org/ns/platform/sa/launcher",),
+        code=grpc.StatusCode.UNAUTHENTICATED,
+        refusal="not a SPIFFE ID",
+    ),
+    "dns:ops.internal": Presented(
+        dns=("ops.internal",), rpc="GetConnection", caller="dns:ops.internal"
+    ),
+    "dns:ops.internal, on an RPC it may not call": Presented(
+        dns=("ops.internal",), code=grpc.StatusCode.PERMISSION_DENIED, caller="dns:ops.internal"
+    ),
+    "a DNS SAN in upper case": Presented(
+        dns=("OPS.Internal",), rpc="GetConnection", caller="dns:ops.internal"
+    ),
+    "a DNS SAN after one the policy does not name": Presented(
+        dns=("unnamed.internal", "ops.internal"), rpc="GetConnection", caller="dns:ops.internal"
+    ),
+    "a non-SPIFFE URI SAN and a DNS SAN the policy names": Presented(
+        uris=("https://example.org/ops",),
+        dns=("ops.internal",),
+        rpc="GetConnection",
+        caller="dns:ops.internal",
+    ),
+    "a SPIFFE ID no rule names, and a DNS SAN the policy names": Presented(
+        uris=("spiffe://example.org/ns/platform/sa/other",),
+        dns=("ops.internal",),
+        rpc="GetConnection",
+        code=grpc.StatusCode.PERMISSION_DENIED,
+        caller="spiffe://example.org/ns/platform/sa/other",
+    ),
+    "a DNS SAN the policy names, followed by a NUL byte": Presented(
+        dns=("ops.internal" + NUL_CUT,),
+        rpc="GetConnection",
+        code=grpc.StatusCode.UNAUTHENTICATED,
+        refusal="NUL",
+    ),
+    "DNS SANs naming two callers": Presented(
+        dns=("ops.internal", "backup.internal"),
+        rpc="GetConnection",
+        code=grpc.StatusCode.UNAUTHENTICATED,
+        refusal="name 2 callers",
+    ),
+    "the UI's SPIFFE ID, with the launcher's token": Presented(
+        uris=(UI,), token=True, code=grpc.StatusCode.PERMISSION_DENIED, caller=UI
+    ),
+}
+
+
+async def test_a_certificate_is_only_the_caller_it_names(
+    pki: Pki,
+    broker_settings: dict[str, Any],
+    broker_identity: Identity,
+    local_aws: LocalAws,
+    tenant: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Identities of each kind live in their own namespace: a certificate from the trusted CA
+    whose DNS SAN spells a SPIFFE ID or a token's name gets no one's rights; a certificate
+    that does not name exactly one caller is refused."""
+    token = new_token()
+    settings = tls_settings(
+        pki,
+        broker_settings,
+        tls_client_ca_file=str(pki.files["ca"]),
+        token_hashes=f"launcher={hash_token(token)}",
+        policy=f"{UI}=connections; {LAUNCHER}=credentials; token:launcher=credentials; "
+        "dns:ops.internal=GetConnection; dns:backup.internal=GetConnection",
+    )
+    caplog.set_level(logging.INFO)
+    answers: dict[str, tuple[grpc.StatusCode, str]] = {}
+    async with start_broker(settings, broker_identity) as running:
+        async with channel_as(running.address, pki, pki.ui) as ui_channel:
+            ui = broker_pb2_grpc.CredentialBrokerStub(ui_channel)
+            created = await ui.CreateConnection(pb.CreateConnectionRequest(tenant_id=tenant))
+            role_arn = local_aws.create_customer_stack(created.connection.quick_create_url)
+            await ui.VerifyRole(pb.VerifyRoleRequest(tenant_id=tenant, role_arn=role_arn))
+        requests = {
+            "IssueCredentials": pb.IssueCredentialsRequest(tenant_id=tenant, run_id="r"),
+            "GetConnection": pb.GetConnectionRequest(tenant_id=tenant),
+        }
+        for number, (name, row) in enumerate(PRESENTED.items()):
+            certificate = pki.ca.issue(f"row {number}", uris=row.uris, dns=row.dns)
+            metadata = [("x-request-id", f"row-{number}")]
+            if row.token:
+                metadata.append(("authorization", f"Bearer {token}"))
+            async with channel_as(running.address, pki, certificate) as channel:
+                stub = broker_pb2_grpc.CredentialBrokerStub(channel)
+                try:
+                    await getattr(stub, row.rpc)(requests[row.rpc], metadata=metadata, timeout=5)
+                    answers[name] = (grpc.StatusCode.OK, "")
+                except grpc.aio.AioRpcError as refused:
+                    answers[name] = (refused.code(), refused.details() or "")
+
+    logged = {
+        getattr(r, "request_id", None): getattr(r, "caller", None)
+        for r in caplog.records
+        if r.name == "broker.service"
+    }
+    wrong = []
+    for number, (name, row) in enumerate(PRESENTED.items()):
+        code, details = answers[name]
+        if code != row.code or row.refusal not in details:
+            wrong.append(f"{name}: {code.name} {details!r}, expected {row.code.name}")
+        if row.caller and logged.get(f"row-{number}") != row.caller:
+            wrong.append(f"{name}: logged as {logged.get(f'row-{number}')!r}, not {row.caller}")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize(
+    ("uris", "dns", "expected"),
+    [
+        ((LAUNCHER,), (), ((LAUNCHER.encode(),), ())),
+        ((), ("b.internal", "a.internal"), ((), (b"a.internal", b"b.internal"))),
+        ((LAUNCHER + NUL_CUT,), (), (((LAUNCHER + NUL_CUT).encode(),), ())),
+        ((), (), ((), ())),
+    ],
+)
+def test_certificate_names_are_read_from_the_certificate_itself(
+    pki: Pki, uris: tuple[str, ...], dns: tuple[str, ...], expected: object
+) -> None:
+    """The reader that checks grpc's view of a client certificate sees whole SANs (grpc's stop
+    at a NUL byte), and an IP SAN is neither."""
+    issued = pki.ca.issue("reader", uris=uris, dns=dns, ips=("10.0.0.1",))
+    assert auth._certificate_names(issued.cert_pem) == expected
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda pem: pem[:120] + pem[180:],
+        lambda pem: pem.replace(b"CERTIFICATE", b"KEY"),
+        lambda pem: b"",
+    ],
+    ids=["cut", "not a certificate", "empty"],
+)
+def test_an_unreadable_certificate_has_no_names(pki: Pki, damage: Any) -> None:
+    assert auth._certificate_names(damage(pki.launcher.cert_pem)) is None
+
+
+def test_authentication_without_a_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs a policy"):
+        auth.Guard(mtls=True, token_hashes={}, policy=None)

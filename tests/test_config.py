@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from broker.auth import hash_token
+from broker.auth import CONNECTION_RPCS, CREDENTIAL_RPCS, Rule, hash_token
 from broker.config import ConfigError, load_settings
 
 TOKEN = "correct-horse-battery-staple-0123456789abcdef"
@@ -28,14 +28,14 @@ def pem(tmp_path: Path) -> str:
             {
                 "listen": "10.0.0.5:50051",
                 "token_hashes": f"a={hash_token(TOKEN)}",
-                "policy": "a=all",
+                "policy": "token:a=all",
             },
             "in plaintext",
         ),
         ({"token_hashes": f"launcher={TOKEN}"}, "only the hash"),
         ({"token_hashes": f"launcher={hash_token(TOKEN)}"}, "no policy"),
-        ({"policy": "x=credentials"}, "no caller authentication"),
-        ({"token_hashes": f"a={hash_token(TOKEN)}", "policy": "a=IssueCreds"}, "unknown RPC"),
+        ({"policy": "token:x=credentials"}, "no caller authentication"),
+        ({"token_hashes": f"a={hash_token(TOKEN)}", "policy": "token:a=IssueCreds"}, "unknown RPC"),
         ({"listen": "127.0.0.1"}, "is not host:port"),
         ({"session_duration": 43201}, "less than or equal to 43200"),
         ({"refresh_margin": 3600}, "must be less than BROKER_SESSION_DURATION"),
@@ -55,7 +55,7 @@ def test_wrong_settings_are_refused_with_the_fix(overrides: dict[str, Any], mess
 
 def test_mtls_without_server_certificate_is_refused(pem: str) -> None:
     with pytest.raises(ConfigError, match="needs BROKER_TLS_CERT/KEY_FILE"):
-        load_settings(tls_client_ca_file=pem, policy="x=all")
+        load_settings(tls_client_ca_file=pem, policy="dns:x.internal=all")
 
 
 def test_a_public_address_with_mtls_and_a_policy_is_accepted(pem: str, tmp_path: Path) -> None:
@@ -77,3 +77,168 @@ def test_a_public_address_with_mtls_and_a_policy_is_accepted(pem: str, tmp_path:
     assert rule.tenants == frozenset({"acme"})
     assert "IssueCredentials" in rule.rpcs
     assert "Disconnect" not in rule.rpcs
+
+
+# The policy and the token names, each refusal a row. Every identity kind is configured (mTLS
+# and the tokens launcher and ui) unless a row says otherwise, so that each row fails for its
+# own reason only; the message must name the variable to fix.
+OTHER_TOKEN = "another-token-0123456789abcdef-0123456789"
+TOKENS = f"launcher={hash_token(TOKEN)},ui={hash_token(OTHER_TOKEN)}"
+WRONG_POLICIES = [
+    ("token:launcher=credentials@", "an empty tenant list"),
+    ("token:launcher=credentials@|", "an empty tenant list"),
+    ("token:launcher=credentials@ ", "an empty tenant list"),
+    ("token:launcher=credentials@acme|", "an empty tenant list"),
+    ("token:launcher=credentials@*", "omit @… (or tenants) for every tenant"),
+    ("token:launcher=credentials@acme corp", "must be 1-64 characters"),
+    ("token:launcher=credentials; token:launcher=connections", "has a second entry"),
+    (" token:launcher=credentials; TOKEN:launcher =connections", "has a second entry"),
+    ("dns:ops.internal=GetConnection; dns:OPS.Internal=all", "has a second entry"),
+    ("token:launcher=IssueCreds", "unknown RPC or group"),
+    ("token:launcher=credential", "unknown RPC or group"),
+    ("token:launcher=", "no RPCs"),
+    ("token:launcher=@acme", "no RPCs"),
+    ("token:launcher=credentials,,connections", "an empty RPC name"),
+    ("", "no rules"),
+    (" ; ; ", "no rules"),
+    ("launcher=credentials", "no scheme: write token:launcher"),
+    ("launcher=credentials", "dns:launcher"),
+    ("=credentials", "names no identity"),
+    ("token:launcher=credentials=all", "is not identity=rpcs"),
+    ("token:=credentials", "is not token:<name"),
+    ("token:laun cher=credentials", "is not token:<name"),
+    ("dns:*.internal=GetConnection", "is not dns:<host name>"),
+    ("dns:spiffe://example.org/x=GetConnection", "is not dns:<host name>"),
+    ("spiffe://example.org=credentials", "is not a SPIFFE ID"),
+    ("spiffe://Example.org/launcher=credentials", "is not a SPIFFE ID"),
+    ("spiffe://example.org/../launcher=credentials", "is not a SPIFFE ID"),
+    ("https://example.org/launcher=credentials", "unknown scheme 'https'"),
+    ("token:nobody=credentials", "BROKER_TOKEN_HASHES has no nobody=sha256"),
+]
+
+
+@pytest.mark.parametrize(("policy", "message"), WRONG_POLICIES)
+def test_a_doubtful_policy_stops_start_up(pem: str, policy: str, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(
+            tls_cert_file=pem,
+            tls_key_file=pem,
+            tls_client_ca_file=pem,
+            token_hashes=TOKENS,
+            policy=policy,
+        )
+    assert "BROKER_POLICY" in str(refused.value)
+    assert message in str(refused.value)
+
+
+CALLER = '[[caller]]\nidentity = "token:launcher"\n'
+WRONG_POLICY_FILES = [
+    (CALLER + 'rpcs = ["credentials"]\ntenants = "acme"\n', "tenants must be a list of strings"),
+    (CALLER + 'rpcs = ["credentials"]\ntenants = [1]\n', "tenants must be a list of strings"),
+    (CALLER + 'rpcs = "credentials"\n', "rpcs must be a list of strings"),
+    (CALLER, "rpcs must be a list of strings"),
+    (CALLER + "rpcs = []\n", "no RPCs"),
+    (CALLER + 'rpcs = ["credentials"]\ntenants = []\n', "an empty tenant list"),
+    (CALLER + 'rpcs = ["credentials"]\ntenants = [""]\n', "an empty tenant list"),
+    (CALLER + 'rpcs = ["credentials"]\ntenants = ["*"]\n', "for every tenant"),
+    (CALLER + 'rpcs = ["credentials"]\ntenant = ["acme"]\n', "unknown key tenant"),
+    ('[[caller]]\nidentity = 5\nrpcs = ["credentials"]\n', "identity must be a string"),
+    ('[[caller]]\nrpcs = ["credentials"]\n', "identity must be a string"),
+    ('[[caller]]\nidentity = "launcher"\nrpcs = ["credentials"]\n', "no scheme"),
+    ('[caller]\nidentity = "token:launcher"\nrpcs = ["all"]\n', "an array of tables"),
+    ('caller = ["token:launcher"]\n', "an array of tables"),
+    ('[[callers]]\nidentity = "token:launcher"\nrpcs = ["all"]\n', "unknown key callers"),
+    (CALLER + 'rpcs = ["credentials"]\n' + CALLER + 'rpcs = ["all"]\n', "has a second entry"),
+    (CALLER + 'rpcs = ["IssueCreds"]\n', "unknown RPC or group"),
+    ("", "no rules"),
+    ("[[caller]\n", "not a TOML file"),
+    ('[[caller]]\nidentity = "token:nobody"\nrpcs = ["all"]\n', "has no nobody=sha256"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), WRONG_POLICY_FILES)
+def test_a_doubtful_policy_file_stops_start_up(
+    pem: str, tmp_path: Path, text: str, message: str
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(
+            tls_cert_file=pem,
+            tls_key_file=pem,
+            tls_client_ca_file=pem,
+            token_hashes=TOKENS,
+            policy_file=str(policy),
+        )
+    assert "BROKER_POLICY_FILE" in str(refused.value)
+    assert message in str(refused.value)
+
+
+SAME = hash_token(TOKEN)
+WRONG_TOKEN_NAMES = [
+    (f"token:launcher={SAME}", "write the bare name (launcher=sha256:…)"),
+    (f"launcher={SAME},launcher={hash_token(OTHER_TOKEN)}", "configured twice"),
+    (f"launcher={SAME},ui={SAME}", "have the same hash"),
+    (f"laun cher={SAME}", "is not a token name"),
+    (f"={SAME}", "is not a token name"),
+    (f"launcher={TOKEN}", "only the hash"),
+    ("launcher", "is not NAME=sha256"),
+]
+
+
+@pytest.mark.parametrize(("token_hashes", "message"), WRONG_TOKEN_NAMES)
+def test_doubtful_token_names_stop_start_up(token_hashes: str, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(token_hashes=token_hashes, policy="token:launcher=credentials")
+    assert "BROKER_TOKEN_HASHES" in str(refused.value)
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    ["spiffe://example.org/ui=connections", "token:launcher=all; dns:ops.internal=GetConnection"],
+)
+def test_certificate_callers_without_mtls_stop_start_up(pem: str, policy: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(tls_cert_file=pem, tls_key_file=pem, token_hashes=TOKENS, policy=policy)
+    assert "BROKER_POLICY names" in str(refused.value)
+    assert "mTLS is off: set BROKER_TLS_CLIENT_CA_FILE" in str(refused.value)
+
+
+def test_two_policies_stop_start_up(tmp_path: Path) -> None:
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text('[[caller]]\nidentity = "token:launcher"\nrpcs = ["all"]\n')
+    with pytest.raises(ConfigError, match="BROKER_POLICY and BROKER_POLICY_FILE are both set"):
+        load_settings(
+            token_hashes=TOKENS, policy="token:launcher=all", policy_file=str(policy_file)
+        )
+
+
+def test_policies_name_each_caller_in_its_namespace(pem: str, tmp_path: Path) -> None:
+    """The string and the TOML file say the same thing; schemes and DNS names are read in
+    lower case, tenants and spaces around the separators as written."""
+    text = (
+        " TOKEN:launcher = credentials @ acme | globex ; dns:OPS.Internal=GetConnection,VerifyRole;"
+        " spiffe://example.org/ns/platform/sa/settings-ui=connections;"
+    )
+    toml = (
+        '[[caller]]\nidentity = "token:launcher"\nrpcs = ["credentials"]\n'
+        'tenants = ["acme", "globex"]\n'
+        '[[caller]]\nidentity = "dns:ops.internal"\nrpcs = ["GetConnection", "VerifyRole"]\n'
+        '[[caller]]\nidentity = "spiffe://example.org/ns/platform/sa/settings-ui"\n'
+        'rpcs = ["connections"]\n'
+    )
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(toml)
+    expected = {
+        "token:launcher": Rule(CREDENTIAL_RPCS, frozenset({"acme", "globex"})),
+        "dns:ops.internal": Rule(frozenset({"GetConnection", "VerifyRole"})),
+        "spiffe://example.org/ns/platform/sa/settings-ui": Rule(CONNECTION_RPCS),
+    }
+    mtls = {"tls_cert_file": pem, "tls_key_file": pem, "tls_client_ca_file": pem}
+    for source in ({"policy": text}, {"policy_file": str(policy_file)}):
+        settings = load_settings(token_hashes=TOKENS, **mtls, **source)
+        loaded = settings.load_policy()
+        assert loaded is not None
+        assert loaded.rules == expected, source
+        assert loaded.dns_names == {"ops.internal"}

@@ -119,20 +119,25 @@ class Settings(BaseSettings):
     tls_client_ca_file: FilePath | None = Field(
         None,
         description="CA bundle (PEM) for client certificates: mTLS, every caller must present "
-        "one. The caller's identity is its SPIFFE ID (URI SAN), else its first DNS SAN.",
+        "one. A certificate is the caller spiffe://… (its one URI SAN), else dns:NAME for a "
+        "DNS SAN the policy names so; several URI SANs are refused.",
     )
     token_hashes: Annotated[tuple[str, ...], NoDecode] = Field(
         (),
-        description="Bearer tokens, as comma-separated identity=sha256:<hex> (only hashes; "
-        "`broker token` makes a token and its hash). Needs TLS off loopback.",
+        description="Bearer tokens, as comma-separated NAME=sha256:<hex> (only hashes; `broker "
+        "token NAME` makes a token and its hash); the policy calls each token:NAME. Needs TLS "
+        "off loopback.",
     )
     policy: str | None = Field(
         None,
-        description="Who may call what: 'identity=connections|credentials|all|<RPC>[,…]"
-        "[@tenant|…]; …'. Required with authentication.",
+        description="Who may call what: 'IDENTITY=connections|credentials|all|<RPC>[,…]"
+        "[@tenant|…]; …', IDENTITY being spiffe://…, dns:NAME or token:NAME. Required with "
+        "authentication; anything doubtful stops start-up.",
     )
     policy_file: FilePath | None = Field(
-        None, description="The same policy as a TOML file of [[caller]] identity/rpcs/tenants."
+        None,
+        description="The policy as a TOML file instead: [[caller]] tables of identity = "
+        '"…", rpcs = [...] and optionally tenants = [...].',
     )
     metrics_listen: str = Field(
         DEFAULT_METRICS_LISTEN,
@@ -200,10 +205,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_policy_file(cls, value: Path | None) -> Path | None:
         if value is not None:
-            try:
-                Policy.from_toml(value.read_text())
-            except (KeyError, TypeError, tomllib.TOMLDecodeError) as exc:
-                raise ValueError(f"not a policy file ({exc})") from None
+            _read_policy_file(value)
         return value
 
     @field_validator("database_url")
@@ -277,12 +279,42 @@ class Settings(BaseSettings):
             raise ValueError(
                 "caller authentication is configured but no policy says who may call what: set "
                 "BROKER_POLICY (e.g. 'spiffe://example.org/ui=connections; "
-                "spiffe://example.org/launcher=credentials') or BROKER_POLICY_FILE"
+                "token:launcher=credentials') or BROKER_POLICY_FILE"
             )
         if not self.authenticated and (self.policy is not None or self.policy_file is not None):
             raise ValueError(
                 "a policy is configured but no caller authentication: set "
                 "BROKER_TLS_CLIENT_CA_FILE or BROKER_TOKEN_HASHES"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_policy_callers(self) -> Settings:
+        """Every identity the policy names can authenticate: each token:NAME has a hash in
+        BROKER_TOKEN_HASHES, and spiffe:// and dns: identities need mTLS."""
+        if self.policy is not None and self.policy_file is not None:
+            raise ValueError("BROKER_POLICY and BROKER_POLICY_FILE are both set: keep one")
+        policy = self.load_policy()
+        if policy is None:
+            return self
+        variable = "BROKER_POLICY_FILE" if self.policy_file is not None else "BROKER_POLICY"
+        tokens = parse_token_hashes(self.token_hashes)
+        missing = [
+            name
+            for name in sorted(policy.rules)
+            if name.startswith("token:") and name.removeprefix("token:") not in tokens
+        ]
+        if missing:
+            first = missing[0].removeprefix("token:")
+            raise ValueError(
+                f"{variable} names {', '.join(missing)}, but BROKER_TOKEN_HASHES has no "
+                f"{first}=sha256:… (`broker token {first}` makes a token and that entry)"
+            )
+        certified = [name for name in sorted(policy.rules) if not name.startswith("token:")]
+        if certified and self.tls_client_ca_file is None:
+            raise ValueError(
+                f"{variable} names {', '.join(certified)}, callers with client certificates, "
+                "but mTLS is off: set BROKER_TLS_CLIENT_CA_FILE, or name token:NAME callers only"
             )
         return self
 
@@ -296,8 +328,19 @@ class Settings(BaseSettings):
 
     def load_policy(self) -> Policy | None:
         if self.policy_file is not None:
-            return Policy.from_toml(self.policy_file.read_text())
+            return _read_policy_file(self.policy_file)
         return Policy.parse(self.policy) if self.policy is not None else None
+
+
+def _read_policy_file(path: Path) -> Policy:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the policy file ({exc})") from None
+    try:
+        return Policy.from_toml(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"not a TOML file ({exc})") from None
 
 
 def split_host_port(value: str) -> tuple[str, int]:
