@@ -47,8 +47,10 @@ async def test_create_connect_issue_watch_release_disconnect(
     assert verified.account_id == role_arn.split(":")[4]
     assert [(c.name, c.passed) for c in verified.checks] == [
         ("role_arn_format", True),
+        ("role_not_used_by_another_tenant", True),
         ("assume_with_external_id", True),
         ("assume_without_external_id_denied", True),
+        ("assume_with_other_external_id_denied", True),
         ("trust_policy_requires_external_id", True),
     ]
     with pytest.raises(grpc.aio.AioRpcError) as exists:

@@ -4,16 +4,23 @@ never reused, data kept across reopening, migrations that replicas may run at on
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sqlite3
 import stat
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from broker.models import Check, Connection, Status
-from broker.store import StoreConflict, open_store
+from broker.store import RoleInUse, StoreConflict, open_store
+from broker.store import postgres as postgres_store
+from broker.store import sqlite as sqlite_store
+from broker.store.rows import COLUMNS, to_row
+from tests.conftest import captured_logs
 
 
 def pending(tenant: str = "t", external_id: str = "e" * 32) -> Connection:
@@ -75,3 +82,128 @@ async def test_sqlite_file_is_private(tmp_path: Path) -> None:
     store = await open_store(f"sqlite:///{path}")
     await store.close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def holding(tenant: str, role_arn: str, status: Status = Status.ACTIVE) -> Connection:
+    return replace(
+        pending(tenant, f"{tenant}-external-id".ljust(32, "x")), status=status, role_arn=role_arn
+    )
+
+
+ROLE = "arn:aws:iam::222222222222:role/credential-broker-acme"
+
+
+@pytest.mark.parametrize(
+    "look_alike",
+    [
+        ROLE,
+        "arn:aws:iam::222222222222:role/CREDENTIAL-BROKER-ACME",  # IAM names ignore case
+        "arn:aws:iam::222222222222:role/some/path/credential-broker-acme",  # and the path
+    ],
+)
+async def test_one_role_is_held_by_one_tenant(database_url: str, look_alike: str) -> None:
+    """A role ACTIVE (or SUSPENDED) for one tenant cannot be ACTIVE for another, under any of
+    the names IAM takes for it; once the first lets go (DISCONNECTED), it is free."""
+    store = await open_store(database_url)
+    first = await store.save(pending("first", "1" * 32), new_external_id=True)
+    first = await store.save(
+        replace(first, status=Status.ACTIVE, role_arn=ROLE), new_external_id=False
+    )
+    second = await store.save(pending("second", "2" * 32), new_external_id=True)
+    assert await store.role_holder(look_alike) == "first"
+    with pytest.raises(RoleInUse):
+        await store.save(
+            replace(second, status=Status.ACTIVE, role_arn=look_alike), new_external_id=False
+        )
+    assert (await store.get("second")) == second, "nothing of the refused save was kept"
+    assert (await store.get("first")) == first, "and the holder's row is untouched"
+    suspended = await store.save(replace(first, status=Status.SUSPENDED), new_external_id=False)
+    with pytest.raises(RoleInUse):
+        await store.save(
+            replace(second, status=Status.ACTIVE, role_arn=look_alike), new_external_id=False
+        )
+    await store.save(replace(suspended, status=Status.DISCONNECTED), new_external_id=False)
+    assert await store.role_holder(look_alike) is None
+    await store.save(
+        replace(second, status=Status.ACTIVE, role_arn=look_alike), new_external_id=False
+    )
+    assert await store.role_holder(ROLE) == "second"
+    await store.close()
+
+
+async def test_two_replicas_racing_for_one_role_cannot_both_win(database_url: str) -> None:
+    """Two stores (two replicas, on PostgreSQL) activate one role for two tenants at once:
+    exactly one save stands."""
+    stores = [await open_store(database_url) for _ in range(2)]
+    tenants = [
+        await stores[0].save(pending(f"racer-{i}", str(i) * 32), new_external_id=True)
+        for i in range(2)
+    ]
+    results = await asyncio.gather(
+        *(
+            store.save(replace(t, status=Status.ACTIVE, role_arn=ROLE), new_external_id=False)
+            for store, t in zip(stores, tenants, strict=True)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, Connection) for r in results) == 1, results
+    assert sum(isinstance(r, RoleInUse) for r in results) == 1, results
+    active = [await stores[0].get(t.tenant_id) for t in tenants]
+    assert [c.status for c in active if c is not None].count(Status.ACTIVE) == 1
+    for store in stores:
+        await store.close()
+
+
+async def _schema_2_with(database_url: str, rows: list[Connection]) -> None:
+    """A store as schema 2 left it (before role keys), holding `rows`."""
+    values = [to_row(row, datetime.isoformat)[:-1] for row in rows]
+    columns = COLUMNS.removesuffix(", role_key")
+    if database_url.startswith("sqlite:///"):
+        db = sqlite3.connect(database_url.removeprefix("sqlite:///"))
+        for script in sqlite_store.MIGRATIONS[:2]:
+            db.executescript(script)
+        db.executemany(f"INSERT INTO connections ({columns}) VALUES ({','.join('?' * 11)})", values)
+        db.execute("PRAGMA user_version = 2")
+        db.commit()
+        db.close()
+        return
+    db = await asyncpg.connect(database_url)
+    try:
+        await db.execute("CREATE TABLE broker_schema (version INTEGER NOT NULL)")
+        for number, script in enumerate(postgres_store.MIGRATIONS[:2], start=1):
+            await db.execute(script)
+            await db.execute("INSERT INTO broker_schema VALUES ($1)", number)
+        for row in rows:
+            await db.execute(
+                f"INSERT INTO connections ({columns}) VALUES "
+                f"({', '.join(f'${i}' for i in range(1, 12))})",
+                *to_row(row)[:-1],
+            )
+    finally:
+        await db.close()
+
+
+async def test_rows_from_before_role_keys_get_theirs(database_url: str) -> None:
+    """Migrating a store that holds ACTIVE connections: each gets its role key, so the role is
+    held from then on; two tenants who already shared a role stay as they were (and the log
+    says so) rather than the migration failing."""
+    rows = [
+        holding("before", ROLE),
+        holding("shared-1", "arn:aws:iam::222222222222:role/shared"),
+        holding("shared-2", "arn:aws:iam::222222222222:role/Shared"),
+    ]
+    await _schema_2_with(database_url, rows)
+    with captured_logs(logging.Formatter("%(message)s"), logging.ERROR) as log:
+        store = await open_store(database_url)
+    assert await store.role_holder(ROLE) == "before"
+    assert await store.role_holder("arn:aws:iam::222222222222:role/shared") in {
+        "shared-1",
+        "shared-2",
+    }
+    assert "two tenants hold one role" in log.getvalue()
+    newcomer = await store.save(pending("newcomer", "n" * 32), new_external_id=True)
+    with pytest.raises(RoleInUse):
+        await store.save(
+            replace(newcomer, status=Status.ACTIVE, role_arn=ROLE), new_external_id=False
+        )
+    await store.close()

@@ -64,8 +64,10 @@ async def test_role_assumable_without_external_id_is_refused(
     result = await verify_fails(running, tenant, role)
     assert result["checks"] == {
         "role_arn_format": True,
+        "role_not_used_by_another_tenant": True,
         "assume_with_external_id": True,
         "assume_without_external_id_denied": False,
+        "assume_with_other_external_id_denied": False,
         "trust_policy_requires_external_id": False,
     }
     assert "confused deputy" in result["violations"]["assume_without_external_id_denied"]
@@ -186,7 +188,9 @@ async def test_role_created_seconds_ago_is_retried_until_iam_propagates(
             pb.VerifyRoleRequest(tenant_id=tenant, role_arn=role_arn), timeout=30
         )
     assert verified.connection.status == pb.CONNECTION_STATUS_ACTIVE
-    tries = [c for c in sts_log.now() if c.role_arn == role_arn and c.external_id]
+    tries = [
+        c for c in sts_log.now() if c.role_arn == role_arn and c.external_id == created.external_id
+    ]
     assert not tries[0].allowed, "the first try met a role IAM had not propagated yet"
     assert tries[-1].allowed
 

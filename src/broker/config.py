@@ -28,6 +28,7 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_MAX_PENDING_REQUESTS = 20_000
 DEFAULT_MAX_CALL_SECONDS = 60.0
 DEFAULT_RECHECK_INTERVAL = 30.0
+DEFAULT_REVERIFY_INTERVAL = 300.0
 DEFAULT_STS_MAX_CONCURRENCY = 32
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
 
@@ -52,6 +53,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds between re-checks of every tenant held, in case a change "
         "notification from another replica was lost.",
+    )
+    reverify_interval: float = Field(
+        DEFAULT_REVERIFY_INTERVAL,
+        gt=0,
+        description="Seconds between runs of VerifyRole's checks (3 AssumeRole calls and an "
+        "IAM read each) on the role of every tenant held: one that no longer passes (say, its "
+        "trust policy was loosened) is SUSPENDED and nothing more is issued for it.",
     )
     trusted_principal_arn: str | None = Field(
         None,

@@ -1,12 +1,15 @@
 """Connection lifecycle (create, verify, get, disconnect), external IDs, and VerifyRole's checks.
 
 One connection per tenant: PENDING → (VerifyRole) → ACTIVE → (Disconnect) → DISCONNECTED →
-(CreateConnection) → PENDING with a new external ID.
+(CreateConnection) → PENDING with a new external ID. An ACTIVE connection whose role fails the
+checks again (the periodic re-check, or VerifyRole on it) is SUSPENDED: nothing is issued until
+VerifyRole passes again. A role is held by one tenant at most (ACTIVE or SUSPENDED).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,11 +20,21 @@ from typing import Any
 from broker import audit
 from broker.aws import AssumeRoleRequest, AwsClient
 from broker.credentials import run_request, session_policy_arns
-from broker.errors import AlreadyExists, NotActive, NotFound, RoleNotAssumable, VerificationFailed
+from broker.errors import (
+    Aborted,
+    AlreadyExists,
+    NotActive,
+    NotFound,
+    RoleNotAssumable,
+    Unavailable,
+    VerificationFailed,
+)
 from broker.models import Check, Connection, Credentials, Event, Grant, Status
-from broker.store import ConnectionStore, StoreConflict, StoreUnavailable
+from broker.store import ConnectionStore, RoleInUse, StoreConflict, StoreUnavailable
 from broker.template import quick_create_url, stack_name
-from broker.trust import requires_external_id
+from broker.trust import admits_only
+
+log = logging.getLogger(__name__)
 
 EXTERNAL_ID_BYTES = 24  # 192 bits from `secrets`; DESIGN.md asks for at least 128.
 VERIFY_SESSION_NAME = "credential-broker-verify"
@@ -31,6 +44,13 @@ STORE_RETRIES = 5
 # this replica, or heard from another (TenantSync), is seen at once; this bounds how long a
 # change whose notification was lost can go unseen by IssueCredentials.
 GRANT_FRESH_SECONDS = 1.0
+# VerifyRole's checks, in the order they run; the periodic re-check runs the same ones.
+ROLE_NOT_SHARED = "role_not_used_by_another_tenant"
+WITH_ID = "assume_with_external_id"
+WITHOUT_ID_DENIED = "assume_without_external_id_denied"
+OTHER_ID_DENIED = "assume_with_other_external_id_denied"
+TRUST_POLICY = "trust_policy_requires_external_id"
+RECHECK_ACTOR = "broker:recheck"
 
 
 def new_external_id() -> str:
@@ -50,8 +70,9 @@ class Settings:
 
 
 class Connections:
-    """The lifecycle rules of DESIGN.md over a ConnectionStore. Calls `on_role_changed(tenant)`
-    and `on_disconnected(tenant)` after the change is stored, so caches and streams follow."""
+    """The lifecycle rules of DESIGN.md over a ConnectionStore. Calls `on_role_changed(tenant)`,
+    `on_disconnected(tenant)` and `on_suspended(tenant)` after the change is stored, so caches
+    and streams follow."""
 
     def __init__(
         self,
@@ -61,6 +82,7 @@ class Connections:
         *,
         on_role_changed: Callable[[str], None] = lambda _: None,
         on_disconnected: Callable[[str], None] = lambda _: None,
+        on_suspended: Callable[[str], None] = lambda _: None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -69,6 +91,7 @@ class Connections:
         self.settings = settings
         self._on_role_changed = on_role_changed
         self._on_disconnected = on_disconnected
+        self._on_suspended = on_suspended
         self._sleep = sleep
         self._clock = clock
         # tenant → (its last ACTIVE grant read from the store, read at); set by `grant`,
@@ -76,6 +99,10 @@ class Connections:
         self._last_grants: dict[str, tuple[Grant, float]] = {}
         # Bumped by `forget`: a read that began before a change does not store what it read.
         self._forgotten = 0
+        # tenant → how many times its connection changed here or was heard to change; bumped
+        # by `forget`. A caller that saw it move while fetching credentials reads the grant
+        # again before answering (`generation`).
+        self._generations: dict[str, int] = {}
 
     async def get(self, tenant_id: str) -> Connection:
         connection = await self._store.get(tenant_id)
@@ -115,7 +142,38 @@ class Connections:
     def forget(self, tenant_id: str) -> None:
         """Read the tenant's grant from the store next time (it changed, or may have)."""
         self._forgotten += 1
+        self._generations[tenant_id] = self._generations.get(tenant_id, 0) + 1
         self._last_grants.pop(tenant_id, None)
+
+    def generation(self, tenant_id: str) -> int:
+        """Changes to the tenant's connection made or heard here so far: credentials fetched
+        while it moved may belong to a grant that no longer stands."""
+        return self._generations.get(tenant_id, 0)
+
+    async def confirm(self, grant: Grant, generation: int) -> None:
+        """After a new STS session was minted for `grant`: NotActive unless the store still
+        holds the tenant ACTIVE on the same role and external ID, so no session minted under a
+        grant that a committed change ended (on any replica) is handed out. While the store
+        cannot be reached, what this replica has heard stands in (`generation`)."""
+        try:
+            connection = await self.get(grant.tenant_id)
+        except StoreUnavailable:
+            if self.generation(grant.tenant_id) == generation:
+                return
+            connection = None
+        if (
+            connection is not None
+            and connection.status is Status.ACTIVE
+            and (connection.role_arn, connection.external_id) == (grant.role_arn, grant.external_id)
+        ):
+            return
+        self.forget(grant.tenant_id)
+        raise NotActive(
+            f"the connection of tenant {grant.tenant_id!r} changed while credentials were being "
+            "issued; none are handed out: "
+            + (guidance(connection, self.settings.session_duration) if connection else "retry"),
+            subject=grant.tenant_id,
+        )
 
     async def _save(
         self,
@@ -147,10 +205,10 @@ class Connections:
         """A PENDING connection: the existing one (same external ID), or a new one."""
         for _ in range(STORE_RETRIES):
             current = await self._store.get(tenant_id)
-            if current is not None and current.status is Status.ACTIVE:
+            if current is not None and current.status in (Status.ACTIVE, Status.SUSPENDED):
                 raise AlreadyExists(
-                    f"tenant {tenant_id!r} is already connected to {current.role_arn}; "
-                    "Disconnect first to connect again"
+                    f"tenant {tenant_id!r} is already connected to {current.role_arn} "
+                    f"({current.status.value}); Disconnect first to connect again"
                 )
             try:
                 if current is not None and current.status is Status.PENDING:
@@ -191,7 +249,11 @@ class Connections:
         self, tenant_id: str, role_arn: str, time_left: float | None, actor: str
     ) -> Connection:
         """Run every check on `role_arn`; activate the connection when all pass, else raise
-        VerificationFailed with what to fix. `time_left` bounds the wait for a new role."""
+        VerificationFailed with what to fix. `time_left` bounds the wait for a new role.
+
+        The result is stored only if the connection is still as it was read before the checks
+        (its version): a concurrent VerifyRole, Disconnect or CreateConnection wins, and this
+        call answers Aborted rather than overwrite it with a verdict about an older state."""
         current = await self.get(tenant_id)
         if current.status is Status.DISCONNECTED:
             raise NotActive(
@@ -199,79 +261,122 @@ class Connections:
                 subject=tenant_id,
             )
         checks = await self._run_checks(current, role_arn, time_left)
-        passed = all(check.passed for check in checks)
-        for _ in range(STORE_RETRIES):
-            latest = await self.get(tenant_id)
-            if latest.external_id != current.external_id or latest.status is Status.DISCONNECTED:
-                raise NotActive(
-                    f"the connection of tenant {tenant_id!r} changed during verification; "
-                    "verify again",
-                    subject=tenant_id,
-                )
-            changes: dict[str, Any] = {"checks": tuple(checks)}
-            kind = "verified" if passed else "verification_failed"
-            if passed:
-                changes |= {
-                    "status": Status.ACTIVE,
-                    "role_arn": role_arn,
-                    "account_id": role_arn.split(":")[4],
-                    "verified_at": datetime.now(UTC),
-                }
-            try:
-                saved = await self._save(
-                    replace(latest, **changes),
-                    kind,
-                    actor,
-                    checks=tuple(checks),
-                    role_arn=role_arn,  # a failed one keeps its role; the event names the one tried
-                )
-            except StoreConflict:
-                continue
-            break
-        else:
-            raise StoreConflict(tenant_id)
-        if not passed:
-            failed = [(c.name, c.detail) for c in checks if not c.passed]
+        try:
+            saved = await self._save_verdict(current, role_arn, checks, actor)
+        except RoleInUse:
+            # Another tenant took the role while the checks ran (another replica, perhaps).
+            checks = [role_in_use(role_arn) if c.name == ROLE_NOT_SHARED else c for c in checks]
+            saved = await self._save_verdict(current, role_arn, checks, actor)
+        failed = [(c.name, c.detail) for c in checks if not c.passed]
+        if failed:
             raise VerificationFailed(
                 f"{role_arn} failed verification: " + " ".join(d for _, d in failed),
                 subject=role_arn,
                 failed=failed,
             )
-        if latest.status is Status.ACTIVE and latest.role_arn != role_arn:
+        if current.status in (Status.ACTIVE, Status.SUSPENDED) and current.role_arn != role_arn:
             self._on_role_changed(tenant_id)
+        return saved
+
+    async def _save_verdict(
+        self, current: Connection, role_arn: str, checks: list[Check], actor: str
+    ) -> Connection:
+        """Store what the checks found about `role_arn`, on the version they started from. All
+        passed: ACTIVE on that role. One failed on the role the connection holds: SUSPENDED
+        (nothing more is issued under it). One failed on another role: the checks only."""
+        passed = all(check.passed for check in checks)
+        changes: dict[str, Any] = {"checks": tuple(checks)}
+        if passed:
+            changes |= {
+                "status": Status.ACTIVE,
+                "role_arn": role_arn,
+                "account_id": role_arn.split(":")[4],
+                "verified_at": datetime.now(UTC),
+            }
+        elif current.status is Status.ACTIVE and current.role_arn == role_arn:
+            changes["status"] = Status.SUSPENDED
+        try:
+            saved = await self._save(
+                replace(current, **changes),
+                "verified" if passed else "verification_failed",
+                actor,
+                checks=tuple(checks),
+                role_arn=role_arn,  # a failed one keeps its role; the event names the one tried
+            )
+        except RoleInUse:
+            raise
+        except StoreConflict:
+            raise Aborted(
+                f"the connection of tenant {current.tenant_id!r} changed while VerifyRole ran "
+                "(another VerifyRole, Disconnect or CreateConnection won); nothing was stored "
+                "from this one: call VerifyRole again"
+            ) from None
+        if saved.status is Status.SUSPENDED:
+            self._on_suspended(current.tenant_id)
+        return saved
+
+    async def recheck_role(self, tenant_id: str) -> Connection | None:
+        """Run VerifyRole's checks again on an ACTIVE connection's role (the periodic re-check).
+        Any failing now (say, the customer loosened the trust policy) suspends the connection at
+        once; AWS or the store failing transiently changes nothing. Returns the suspended
+        connection, else None."""
+        try:
+            current = await self.get(tenant_id)
+            if current.status is not Status.ACTIVE:
+                return None
+            checks = await self._run_checks(current, current.role_arn, 0.0)
+            if all(check.passed for check in checks):
+                return None
+            saved = await self._save_verdict(current, current.role_arn, checks, RECHECK_ACTOR)
+        except (Unavailable, NotFound) as exc:  # StoreConflict is an Aborted: see below
+            log.warning(
+                "cannot re-check the role now",
+                extra={"tenant": tenant_id, "error": type(exc).__name__},
+            )
+            return None
+        except Aborted:
+            return None  # the connection changed meanwhile: that change's own checks stand
+        log.warning(
+            "the role no longer passes verification; connection suspended",
+            extra={
+                "tenant": tenant_id,
+                "role_arn": current.role_arn,
+                "failed": [c.name for c in checks if not c.passed],
+            },
+        )
         return saved
 
     async def _run_checks(
         self, connection: Connection, role_arn: str, time_left: float | None
     ) -> list[Check]:
+        """VerifyRole's checks on `role_arn` for `connection`, in order (see README). A role
+        another tenant holds is not probed at all."""
         account = role_arn.split(":")[4]
         checks = [Check("role_arn_format", True, f"an IAM role in account {account}")]
+        holder = await self._store.role_holder(role_arn)
+        if holder is not None and holder != connection.tenant_id:
+            checks.append(role_in_use(role_arn))
+            skipped = "not checked: the role is connected to another workspace"
+            names = (WITH_ID, WITHOUT_ID_DENIED, OTHER_ID_DENIED, TRUST_POLICY)
+            return checks + [Check(name, False, skipped) for name in names]
+        checks.append(Check(ROLE_NOT_SHARED, True, "no other workspace is connected to it"))
         credentials: Credentials | None = None
         try:
             credentials = await self._assume_until_ready(connection, role_arn, time_left)
             checks.append(
                 Check(
-                    "assume_with_external_id",
+                    WITH_ID,
                     True,
                     f"assumed as {credentials.assumed_role_arn} for "
                     f"{self.settings.session_duration} s",
                 )
             )
         except RoleNotAssumable as refused:
-            checks.append(
-                Check("assume_with_external_id", False, self._explain(refused, connection))
-            )
-        checks.append(await self._check_denied_without_external_id(role_arn, connection))
+            checks.append(Check(WITH_ID, False, self._explain(refused, connection)))
+        checks.append(await self._check_denied(role_arn, connection, None))
+        checks.append(await self._check_denied(role_arn, connection, new_external_id()))
         checks.append(await self._check_trust_policy(credentials, role_arn, connection))
         return checks
-
-    def _probe_without_external_id(self, role_arn: str) -> AssumeRoleRequest:
-        return AssumeRoleRequest(
-            role_arn=role_arn,
-            session_name=VERIFY_SESSION_NAME,
-            duration=VERIFY_PROBE_DURATION,
-            policy_arns=session_policy_arns(self.settings.policy_arns, role_arn),
-        )
 
     async def _assume_until_ready(
         self, connection: Connection, role_arn: str, time_left: float | None
@@ -299,38 +404,67 @@ class Connections:
             await self._sleep(wait)
             delay = min(delay * 2, 8.0)
 
-    async def _check_denied_without_external_id(
-        self, role_arn: str, connection: Connection
+    async def _check_denied(
+        self, role_arn: str, connection: Connection, external_id: str | None
     ) -> Check:
+        """AssumeRole without an external ID (`external_id` None), or with a fresh random one
+        that belongs to nobody: AWS must deny both, or anyone who can make a deployment of the
+        broker assume the role (another of our tenants, say) gets into the account."""
+        probe = AssumeRoleRequest(
+            role_arn=role_arn,
+            session_name=VERIFY_SESSION_NAME,
+            duration=VERIFY_PROBE_DURATION,
+            policy_arns=session_policy_arns(self.settings.policy_arns, role_arn),
+            external_id=external_id,
+        )
+        name = WITHOUT_ID_DENIED if external_id is None else OTHER_ID_DENIED
         try:
-            await self._aws.assume_role(self._probe_without_external_id(role_arn))
+            await self._aws.assume_role(probe)
         except RoleNotAssumable:
-            return Check("assume_without_external_id_denied", True, "denied, as it must be")
+            return Check(name, True, "denied, as it must be")
+        fix = (
+            f'Use exactly the condition "StringEquals": {{"sts:ExternalId": '
+            f'"{connection.external_id}"}} in the trust policy (the broker\'s CloudFormation '
+            "template does)."
+        )
+        if external_id is None:
+            return Check(
+                name,
+                False,
+                "the role can be assumed WITHOUT the external ID, so anyone who can make us "
+                "assume it could reach your account (the confused deputy problem). " + fix,
+            )
         return Check(
-            "assume_without_external_id_denied",
+            name,
             False,
-            "the role can be assumed WITHOUT the external ID, so anyone who can make us assume "
-            "it could reach your account (the confused deputy problem). Add the condition "
-            f'"StringEquals": {{"sts:ExternalId": "{connection.external_id}"}} to the '
-            "trust policy (the broker's CloudFormation template does).",
+            "the role can be assumed with an external ID that is not yours (a random one), so "
+            "any other workspace of this platform could reach your account through us (the "
+            "confused deputy problem): the trust policy accepts more than your external ID "
+            "(a wildcard, StringLike, StringNotEquals, Null or IfExists condition). " + fix,
         )
 
     async def _check_trust_policy(
         self, credentials: Credentials | None, role_arn: str, connection: Connection
     ) -> Check:
-        name = "trust_policy_requires_external_id"
         if credentials is None:
-            return Check(name, False, "not checked: the role could not be assumed")
+            return Check(TRUST_POLICY, False, "not checked: the role could not be assumed")
         try:
             document = await self._aws.read_trust_policy(credentials, role_arn)
         except RoleNotAssumable as refused:
-            return Check(name, True, f"skipped: the role may not read itself ({refused.code})")
-        problem = requires_external_id(
-            document, self.settings.trusted_principal_arn, connection.external_id
-        )
+            return Check(
+                TRUST_POLICY,
+                True,
+                f"not read: the role may not read itself (iam:GetRole: {refused.code}); the "
+                "probes above decided",
+            )
+        problem = admits_only(document, self.settings.trusted_principal_arn, connection.external_id)
         if problem:
-            return Check(name, False, problem)
-        return Check(name, True, "every statement trusting the broker requires the external ID")
+            return Check(TRUST_POLICY, False, problem)
+        return Check(
+            TRUST_POLICY,
+            True,
+            "read back: only the broker is trusted, and only with this external ID",
+        )
 
     def _explain(self, refused: RoleNotAssumable, connection: Connection) -> str:
         principal = self.settings.trusted_principal_arn
@@ -359,6 +493,17 @@ class Connections:
         )
 
 
+def role_in_use(role_arn: str) -> Check:
+    """The failed check for a role another tenant holds (never naming that tenant)."""
+    return Check(
+        ROLE_NOT_SHARED,
+        False,
+        f"the role {role_arn} is already connected to another workspace, and a role serves one "
+        "workspace only. Create a separate stack for this workspace from its own quick-create "
+        "link, and verify that stack's RoleArn.",
+    )
+
+
 def guidance(connection: Connection, session_duration: int) -> str:
     """What the customer should do next, in words."""
     if connection.status is Status.PENDING:
@@ -368,6 +513,14 @@ def guidance(connection: Connection, session_duration: int) -> str:
         )
     if connection.status is Status.ACTIVE:
         return "connected: credentials are issued for runs."
+    if connection.status is Status.SUSPENDED:
+        failed = " ".join(c.detail for c in connection.checks if not c.passed)
+        return (
+            f"suspended: the role {connection.role_arn} no longer passes verification, so no "
+            f"credentials are issued. {failed} Fix the role, then call VerifyRole with it "
+            f"again. Sessions already issued stay valid until they expire (at most "
+            f"{session_duration} s)."
+        )
     target = f"the role {connection.role_arn}" if connection.role_arn else "the role"
     return (
         "no more credentials are issued and every stream has ended. To remove access completely, "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from broker import audit
@@ -70,6 +70,29 @@ class StsSource:
                 code=refused.code,
             ) from refused
         audit.issued(grant, credentials, request.session_name, CALLER.get().identity)
+        return credentials
+
+
+class ConfirmedSource:
+    """Wraps a source: a session it mints is handed out only once `confirm(grant, generation)`
+    (Connections.confirm) says the grant still stands, read after AssumeRole returned, so a
+    Disconnect or role change committed while STS was answering wins. `generation` is the
+    tenant's, as it was when the call began."""
+
+    def __init__(
+        self,
+        source: CredentialSource,
+        generation: Callable[[str], int],
+        confirm: Callable[[Grant, int], Awaitable[None]],
+    ) -> None:
+        self._source = source
+        self._generation = generation
+        self._confirm = confirm
+
+    async def get(self, grant: Grant) -> Credentials:
+        generation = self._generation(grant.tenant_id)
+        credentials = await self._source.get(grant)
+        await self._confirm(grant, generation)
         return credentials
 
 

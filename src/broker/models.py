@@ -12,6 +12,8 @@ class Status(enum.Enum):
     PENDING = "PENDING"
     ACTIVE = "ACTIVE"
     DISCONNECTED = "DISCONNECTED"
+    # Was ACTIVE; a re-check found the role no longer admits only us, with only this ID.
+    SUSPENDED = "SUSPENDED"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from broker.cache import CredentialCache
 from broker.config import ConfigError, Settings, split_host_port
 from broker.connections import Connections
 from broker.connections import Settings as ConnectionSettings
-from broker.credentials import StsSource
+from broker.credentials import ConfirmedSource, StsSource
 from broker.errors import BrokerError, ShuttingDown, StreamEnded
 from broker.metrics import Metrics
 from broker.service import CredentialBrokerService
@@ -133,13 +133,6 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
         await aws.close()
         raise ConfigError(f"BROKER_DATABASE_URL: cannot open the store ({exc})") from None
     hub = StreamHub()
-    cache = CredentialCache(
-        StsSource(
-            aws, duration=settings.session_duration, policy_arns=settings.session_policy_arns
-        ),
-        refresh_margin=settings.refresh_margin,
-        max_entries=settings.cache_max_entries,
-    )
 
     def role_changed(tenant_id: str) -> None:
         cache.evict_tenant(tenant_id)
@@ -148,6 +141,17 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
     def disconnected(tenant_id: str) -> None:
         cache.evict_tenant(tenant_id)
         hub.end_tenant(tenant_id, StreamEnded(f"tenant {tenant_id!r} was disconnected", tenant_id))
+
+    def suspended(tenant_id: str) -> None:
+        cache.evict_tenant(tenant_id)
+        hub.end_tenant(
+            tenant_id,
+            StreamEnded(
+                f"the connection of tenant {tenant_id!r} was suspended: its role no longer "
+                "passes verification (GetConnection says why)",
+                tenant_id,
+            ),
+        )
 
     connections = Connections(
         store,
@@ -162,6 +166,15 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
         ),
         on_role_changed=role_changed,
         on_disconnected=disconnected,
+        on_suspended=suspended,
+    )
+    sts = StsSource(
+        aws, duration=settings.session_duration, policy_arns=settings.session_policy_arns
+    )
+    cache = CredentialCache(
+        ConfirmedSource(sts, connections.generation, connections.confirm),
+        refresh_margin=settings.refresh_margin,
+        max_entries=settings.cache_max_entries,
     )
     server = grpc.aio.server(options=server_options(settings))
     guard = Guard(
@@ -212,6 +225,10 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
         asyncio.create_task(_sweep_forever(cache), name="cache-sweeper"),
         asyncio.create_task(store.listen(sync.on_change, sync.on_missed), name="store-listener"),
         asyncio.create_task(sync.recheck_forever(settings.recheck_interval), name="recheck"),
+        asyncio.create_task(
+            sync.reverify_forever(settings.reverify_interval, connections.recheck_role),
+            name="reverify",
+        ),
         asyncio.create_task(service.cap.watch(), name="call-cap"),
     ]
     loop = asyncio.get_running_loop()

@@ -38,7 +38,7 @@ from broker.errors import (
     Unavailable,
 )
 from broker.metrics import Metrics
-from broker.models import Check, Connection, Credentials, Status
+from broker.models import Check, Connection, Credentials, Grant, Status
 from broker.streams import StreamHub, watch
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc
@@ -60,11 +60,13 @@ STATUS_OF: tuple[tuple[type[BrokerError], grpc.StatusCode], ...] = (
 )
 
 MAX_EVENTS = 100
+STALE_GRANT_RETRIES = 3
 
 STATUS_PB = {
     Status.PENDING: pb.CONNECTION_STATUS_PENDING,
     Status.ACTIVE: pb.CONNECTION_STATUS_ACTIVE,
     Status.DISCONNECTED: pb.CONNECTION_STATUS_DISCONNECTED,
+    Status.SUSPENDED: pb.CONNECTION_STATUS_SUSPENDED,
 }
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
@@ -392,8 +394,7 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
     ) -> pb.IssueCredentialsResponse:
         tenant_id = validation.field("tenant_id", request.tenant_id)
         run_id = validation.field("run_id", request.run_id)
-        grant = await self._connections.grant(tenant_id, run_id)
-        credentials = await self._cache.get(grant)
+        grant, credentials = await self._current(tenant_id, run_id)
         # Made once per credentials and region, then sent as often as they are asked for.
         key = (pb.IssueCredentialsResponse, grant.region)
         response = credentials.encoded.get(key)
@@ -403,6 +404,18 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
             )
             credentials.encoded[key] = response
         return response
+
+    async def _current(self, tenant_id: str, run_id: str) -> tuple[Grant, Credentials]:
+        """The run's grant and its credentials, with no change to the tenant's connection made
+        or heard here while they were fetched: a Disconnect or role change acknowledged while
+        STS was answering is never followed by credentials of the old grant."""
+        for _ in range(STALE_GRANT_RETRIES):
+            generation = self._connections.generation(tenant_id)
+            grant = await self._connections.grant(tenant_id, run_id)
+            credentials = await self._cache.get(grant)
+            if self._connections.generation(tenant_id) == generation:
+                return grant, credentials
+        raise Aborted(f"the connection of tenant {tenant_id!r} kept changing; retry")
 
     @streaming
     async def WatchCredentials(

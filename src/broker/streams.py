@@ -43,6 +43,15 @@ class Subscription:
             self.ended = error
         self._wake.set()
 
+    def woken(self) -> bool:
+        """Whether the hub woke the stream since it last slept (and forget it). Raises `ended`
+        once set."""
+        if self.ended is not None:
+            raise self.ended
+        woken = self._wake.is_set()
+        self._wake.clear()
+        return woken
+
     async def sleep(self, seconds: float) -> bool:
         """Sleep up to `seconds`; True when woken early. Raises `ended` once set."""
         woken = False
@@ -126,12 +135,19 @@ async def watch(
     (UNAVAILABLE) only once those have expired."""
     rng = rng or random.Random()  # noqa: S311 - jitter, not security
     held = await cache.get(grant)
+    # Ended (Disconnect, Release) or woken (role changed) while STS answered: the first
+    # credentials were fetched under a grant that may no longer stand.
+    while subscription.woken():
+        grant = await load_grant()
+        held = await cache.get(grant)
     subscription.grant = grant
     yield held
     backoff = RETRY_BACKOFF_START
     delay = _renewal_delay(held, refresh_margin, clock(), rng)
+    woken_meanwhile = False
     while True:
-        woken = await subscription.sleep(delay)
+        woken = await subscription.sleep(delay) or woken_meanwhile
+        woken_meanwhile = False
         grant = await load_grant()
         try:
             fresh = await cache.get(grant, newer_than=None if woken else held.access_key_id)
@@ -146,6 +162,9 @@ async def watch(
             log.warning("renewal failed transiently; retrying", extra={"retry_in": delay})
             continue
         backoff = RETRY_BACKOFF_START
+        if subscription.woken():  # changed while fetching: read the grant again first
+            woken_meanwhile, delay = True, 0.0
+            continue
         subscription.grant = grant
         if fresh.access_key_id != held.access_key_id:
             held = fresh

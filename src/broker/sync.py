@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from broker.cache import CredentialCache
 from broker.errors import BrokerError
@@ -19,6 +19,8 @@ from broker.store import ConnectionStore
 from broker.streams import StreamHub
 
 log = logging.getLogger(__name__)
+
+REVERIFY_CONCURRENCY = 4  # tenants whose roles are probed at once (3 AssumeRole calls each)
 
 
 def _issued_under(grant: Grant) -> tuple[str, str]:
@@ -77,6 +79,25 @@ class TenantSync:
             )
             self._cache.evict_tenant(tenant_id)
             self._hub.wake_tenant(tenant_id)
+
+    async def reverify_forever(
+        self, interval: float, recheck_role: Callable[[str], Awaitable[object]]
+    ) -> None:
+        """Every `interval` seconds, VerifyRole's checks again on the role of every tenant held
+        (`Connections.recheck_role`, which suspends a connection whose role fails them), a few
+        tenants at a time. The loop outlives any one failure."""
+        slots = asyncio.Semaphore(REVERIFY_CONCURRENCY)
+
+        async def one(tenant_id: str) -> None:
+            async with slots:
+                try:
+                    await recheck_role(tenant_id)
+                except Exception:
+                    log.exception("role re-check failed", extra={"tenant": tenant_id})
+
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.gather(*(one(t) for t in sorted(self.held_tenants())))
 
     async def recheck_forever(self, interval: float) -> None:
         """The safety net: every `interval` seconds, re-check every tenant held."""

@@ -15,6 +15,10 @@ class StoreConflict(Aborted):
     """Another writer changed the connection since it was read; read again and retry."""
 
 
+class RoleInUse(StoreConflict):
+    """The role is already held (ACTIVE or SUSPENDED) by another tenant's connection."""
+
+
 class StoreUnavailable(Unavailable):
     """The store cannot be reached right now; retryable."""
 
@@ -31,9 +35,14 @@ class ConnectionStore(Protocol):
     ) -> Connection:
         """Store `connection` if the stored version is still `connection.version` (0: none
         stored). Returns it with the next version. With `new_external_id`, the external ID is
-        recorded as used and must never have been used before. Raises StoreConflict otherwise.
+        recorded as used and must never have been used before. Raises StoreConflict otherwise,
+        and RoleInUse when another tenant's connection holds the same role (rows.role_key).
         `event` is stored in the same transaction. Every replica listening is told the tenant
         changed."""
+        ...
+
+    async def role_holder(self, role_arn: str) -> str | None:
+        """The tenant whose connection holds `role_arn` (ACTIVE or SUSPENDED), or None."""
         ...
 
     async def events(self, tenant_id: str, limit: int) -> list[Event]:

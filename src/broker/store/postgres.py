@@ -19,13 +19,15 @@ from typing import Any
 import asyncpg
 
 from broker.models import Connection, Event
-from broker.store import StoreConflict, StoreUnavailable
+from broker.store import RoleInUse, StoreConflict, StoreUnavailable
 from broker.store.rows import (
     COLUMNS,
     EVENT_COLUMNS,
+    HOLDING,
     event_from_row,
     event_row,
     from_row,
+    role_key,
     to_row,
 )
 
@@ -74,7 +76,16 @@ MIGRATIONS = (
     );
     CREATE INDEX connection_events_by_tenant ON connection_events (tenant_id, id);
     """,
+    # One role, one tenant: connections that hold their role (rows.HOLDING) hold it alone, so
+    # two replicas verifying one role for two tenants cannot both win. Rows from before this
+    # migration get their role_key from `_backfill_role_keys`.
+    """
+    ALTER TABLE connections ADD COLUMN role_key TEXT NOT NULL DEFAULT '';
+    CREATE UNIQUE INDEX connections_role_held_once ON connections (role_key)
+        WHERE role_key <> '' AND status IN ('ACTIVE', 'SUSPENDED');
+    """,
 )
+ROLE_INDEX = "connections_role_held_once"
 
 # What a store that cannot be reached raises, in asyncpg and below it.
 UNREACHABLE = (
@@ -85,6 +96,16 @@ UNREACHABLE = (
     asyncpg.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
 )
+
+
+@contextlib.contextmanager
+def _role_held_once(connection: Connection) -> Any:
+    try:
+        yield
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == ROLE_INDEX:
+            raise RoleInUse(connection.tenant_id) from None
+        raise
 
 
 @contextlib.contextmanager
@@ -130,6 +151,15 @@ class PostgresStore:
             )
         return None if row is None else from_row(row)
 
+    async def role_holder(self, role_arn: str) -> str | None:
+        async with self._connection() as db:
+            holder = await db.fetchval(
+                "SELECT tenant_id FROM connections WHERE role_key = $1 AND status = ANY($2)",
+                role_key(role_arn),
+                list(HOLDING),
+            )
+        return None if holder is None else str(holder)
+
     async def events(self, tenant_id: str, limit: int) -> list[Event]:
         async with self._connection() as db:
             rows = await db.fetch(
@@ -146,22 +176,24 @@ class PostgresStore:
         saved = replace(connection, version=connection.version + 1)
         columns = COLUMNS.split(", ")
         async with self._connection() as db, db.transaction():
-            # The write itself checks the version, so two writers can never both succeed.
-            if connection.version == 0:
-                written = await db.execute(
-                    f"INSERT INTO connections ({COLUMNS}) "  # noqa: S608 - constant columns
-                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
-                    "ON CONFLICT (tenant_id) DO NOTHING",
-                    *to_row(saved),
-                )
-            else:
-                written = await db.execute(
-                    "UPDATE connections SET "  # noqa: S608 - constant columns
-                    + ", ".join(f"{c} = ${i}" for i, c in enumerate(columns[1:], start=2))
-                    + f" WHERE tenant_id = $1 AND version = ${len(columns) + 1}",
-                    *to_row(saved),
-                    connection.version,
-                )
+            # The write itself checks the version, so two writers can never both succeed; the
+            # role's unique index, that two tenants never hold one role.
+            with _role_held_once(connection):
+                if connection.version == 0:
+                    written = await db.execute(
+                        f"INSERT INTO connections ({COLUMNS}) "  # noqa: S608 - constant columns
+                        f"VALUES ({', '.join(f'${i}' for i in range(1, len(columns) + 1))}) "
+                        "ON CONFLICT (tenant_id) DO NOTHING",
+                        *to_row(saved),
+                    )
+                else:
+                    written = await db.execute(
+                        "UPDATE connections SET "  # noqa: S608 - constant columns
+                        + ", ".join(f"{c} = ${i}" for i, c in enumerate(columns[1:], start=2))
+                        + f" WHERE tenant_id = $1 AND version = ${len(columns) + 1}",
+                        *to_row(saved),
+                        connection.version,
+                    )
             if written.endswith(" 0"):
                 raise StoreConflict(connection.tenant_id)
             if new_external_id:
@@ -245,4 +277,26 @@ async def migrate(pool: asyncpg.Pool) -> int:
         for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
             await db.execute(script)
             await db.execute("INSERT INTO broker_schema VALUES ($1)", number)
+        await _backfill_role_keys(db)
         return len(MIGRATIONS)
+
+
+async def _backfill_role_keys(db: Any) -> None:
+    """Give rows stored before role keys existed theirs. Two tenants holding one role from
+    before are left as they are, and logged: one of them must disconnect."""
+    rows = await db.fetch(
+        "SELECT tenant_id, role_arn FROM connections WHERE role_key = '' AND role_arn <> ''"
+    )
+    for tenant_id, role_arn in rows:
+        try:
+            async with db.transaction():  # a savepoint: a clash undoes this row alone
+                await db.execute(
+                    "UPDATE connections SET role_key = $1 WHERE tenant_id = $2",
+                    role_key(role_arn),
+                    tenant_id,
+                )
+        except asyncpg.UniqueViolationError:
+            log.error(
+                "two tenants hold one role; disconnect one of them",
+                extra={"tenant": tenant_id, "role_arn": role_arn},
+            )

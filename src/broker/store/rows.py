@@ -11,8 +11,21 @@ from broker.models import Check, Connection, Event, Status
 
 COLUMNS = (
     "tenant_id, status, external_id, region, role_arn, account_id, "
-    "created_at, verified_at, disconnected_at, checks, version"
+    "created_at, verified_at, disconnected_at, checks, version, role_key"
 )
+# Connections in these statuses hold their role: no other tenant's connection may hold it too
+# (a unique index over `role_key` where `status` is one of them, in every store).
+HOLDING = ("ACTIVE", "SUSPENDED")
+
+
+def role_key(role_arn: str) -> str:
+    """What makes a role one role: its partition, account and name, the name in lower case.
+    IAM role names are unique per account whatever their case or path, so `role/Reader`,
+    `role/reader` and `role/team/reader` in one account are one role. '' for no role."""
+    parts = role_arn.split(":", 5)
+    if len(parts) != 6 or not parts[5].startswith("role/"):
+        return ""
+    return f"{parts[1]}:{parts[4]}:{parts[5].rsplit('/', 1)[-1].lower()}"
 
 
 def to_row(c: Connection, keep_time: Callable[[datetime], Any] = lambda t: t) -> tuple[Any, ...]:
@@ -33,6 +46,7 @@ def to_row(c: Connection, keep_time: Callable[[datetime], Any] = lambda t: t) ->
         kept(c.disconnected_at),
         json.dumps([[k.name, k.passed, k.detail] for k in c.checks]),
         c.version,
+        role_key(c.role_arn),
     )
 
 

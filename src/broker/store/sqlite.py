@@ -7,6 +7,7 @@ never blocks on the file and writes are serialised.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 from collections.abc import Callable
@@ -17,15 +18,19 @@ from functools import partial
 from typing import Any, TypeVar
 
 from broker.models import Connection, Event
-from broker.store import StoreConflict
+from broker.store import RoleInUse, StoreConflict
 from broker.store.rows import (
     COLUMNS,
     EVENT_COLUMNS,
+    HOLDING,
     event_from_row,
     event_row,
     from_row,
+    role_key,
     to_row,
 )
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -64,6 +69,13 @@ MIGRATIONS = (
     );
     CREATE INDEX connection_events_by_tenant ON connection_events (tenant_id, id);
     """,
+    # One role, one tenant: connections that hold their role (rows.HOLDING) hold it alone.
+    # Rows from before this migration get their role_key from `_backfill_role_keys`.
+    """
+    ALTER TABLE connections ADD COLUMN role_key TEXT NOT NULL DEFAULT '';
+    CREATE UNIQUE INDEX connections_role_held_once ON connections (role_key)
+        WHERE role_key <> '' AND status IN ('ACTIVE', 'SUSPENDED');
+    """,
 )
 
 
@@ -88,6 +100,15 @@ class SqliteStore:
     ) -> Connection:
         saved: Connection = await self._run(_save, connection, new_external_id, event)
         return saved
+
+    async def role_holder(self, role_arn: str) -> str | None:
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT tenant_id FROM connections WHERE role_key = ? AND status IN (?, ?)",
+                (role_key(role_arn), *HOLDING),
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])
 
     async def events(self, tenant_id: str, limit: int) -> list[Event]:
         rows = await self._run(
@@ -130,7 +151,27 @@ def _open(path: str) -> sqlite3.Connection:
             for statement in filter(str.strip, script.split(";")):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {number}")
+        _backfill_role_keys(db)
     return db
+
+
+def _backfill_role_keys(db: sqlite3.Connection) -> None:
+    """Give rows stored before role keys existed theirs. Two tenants holding one role from
+    before are left as they are, and logged: one of them must disconnect."""
+    rows = db.execute(
+        "SELECT tenant_id, role_arn FROM connections WHERE role_key = '' AND role_arn <> ''"
+    ).fetchall()
+    for tenant_id, role_arn in rows:
+        try:
+            db.execute(
+                "UPDATE connections SET role_key = ? WHERE tenant_id = ?",
+                (role_key(role_arn), tenant_id),
+            )
+        except sqlite3.IntegrityError:
+            log.error(
+                "two tenants hold one role; disconnect one of them",
+                extra={"tenant": tenant_id, "role_arn": role_arn},
+            )
 
 
 class _transaction:
@@ -173,11 +214,17 @@ def _save(
                 )
             except sqlite3.IntegrityError:
                 raise StoreConflict(connection.tenant_id) from None
-        db.execute(
-            f"INSERT OR REPLACE INTO connections ({COLUMNS}) "  # noqa: S608 - constant columns
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            to_row(saved, datetime.isoformat),
-        )
+        # An upsert, not INSERT OR REPLACE: that would settle a clash on the role's unique
+        # index by deleting the other tenant's row.
+        try:
+            db.execute(
+                f"INSERT INTO connections ({COLUMNS}) "  # noqa: S608 - constant columns
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (tenant_id) DO UPDATE SET "
+                + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS.split(", ")[1:]),
+                to_row(saved, datetime.isoformat),
+            )
+        except sqlite3.IntegrityError:
+            raise RoleInUse(connection.tenant_id) from None
         if event is not None:
             db.execute(
                 f"INSERT INTO connection_events ({EVENT_COLUMNS}) "  # noqa: S608 - constant

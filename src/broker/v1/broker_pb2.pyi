@@ -37,6 +37,12 @@ class _ConnectionStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Conn
     """Verified; credentials are issued."""
     CONNECTION_STATUS_DISCONNECTED: _ConnectionStatus.ValueType  # 3
     """Disconnected; nothing is issued until CreateConnection starts over."""
+    CONNECTION_STATUS_SUSPENDED: _ConnectionStatus.ValueType  # 4
+    """Was ACTIVE, but the periodic re-check found the role no longer admits only this broker
+    with this tenant's external ID (or no longer admits it at all): nothing is issued. `checks`
+    and `guidance` say what changed; VerifyRole, once the customer has fixed the role, makes
+    it ACTIVE again. The role stays reserved for this tenant meanwhile.
+    """
 
 class ConnectionStatus(_ConnectionStatus, metaclass=_ConnectionStatusEnumTypeWrapper):
     """ConnectionStatus is where a tenant's connection is in its lifecycle."""
@@ -48,6 +54,12 @@ CONNECTION_STATUS_ACTIVE: ConnectionStatus.ValueType  # 2
 """Verified; credentials are issued."""
 CONNECTION_STATUS_DISCONNECTED: ConnectionStatus.ValueType  # 3
 """Disconnected; nothing is issued until CreateConnection starts over."""
+CONNECTION_STATUS_SUSPENDED: ConnectionStatus.ValueType  # 4
+"""Was ACTIVE, but the periodic re-check found the role no longer admits only this broker
+with this tenant's external ID (or no longer admits it at all): nothing is issued. `checks`
+and `guidance` say what changed; VerifyRole, once the customer has fixed the role, makes
+it ACTIVE again. The role stays reserved for this tenant meanwhile.
+"""
 Global___ConnectionStatus: _TypeAlias = ConnectionStatus  # noqa: Y015
 
 @_typing.final
