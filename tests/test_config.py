@@ -242,3 +242,24 @@ def test_policies_name_each_caller_in_its_namespace(pem: str, tmp_path: Path) ->
         assert loaded is not None
         assert loaded.rules == expected, source
         assert loaded.dns_names == {"ops.internal"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "secret", "named"),
+    [
+        # A token pasted where its hash belongs.
+        ({"token_hashes": f"launcher={TOKEN}"}, TOKEN, "BROKER_TOKEN_HASHES=<not shown>"),
+        (
+            {"database_url": "mysql://broker:hunter2-database-password@db/broker"},
+            "hunter2-database-password",
+            "BROKER_DATABASE_URL='mysql://broker:***@db/broker'",
+        ),
+    ],
+)
+def test_a_refused_setting_is_named_without_repeating_a_secret(
+    overrides: dict[str, Any], secret: str, named: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(**overrides)
+    assert secret not in str(refused.value)
+    assert named in str(refused.value)

@@ -270,6 +270,10 @@ def test_allows(
         (policy(allow({"AWS": [US, STRANGER]}, condition=WITH_ID)), STRANGER),
         (policy(allow({"AWS": NEIGHBOUR}, condition=WITH_ID)), NEIGHBOUR),
         (
+            policy(allow({"AWS": US.replace(":aws:", ":aws-cn:")}, condition=WITH_ID)),
+            "arn:aws-cn:iam::111111111111:role/broker",
+        ),
+        (
             policy(allow({"AWS": US, "Service": "ec2.amazonaws.com"}, condition=WITH_ID)),
             "Service principals",
         ),

@@ -6,6 +6,7 @@ No other module reads the environment; constructors take the pieces of `Settings
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -382,10 +383,23 @@ def load_settings(**overrides: object) -> Settings:
             name = "BROKER_" + "_".join(str(part) for part in error["loc"]).upper()
             message = error["msg"].removeprefix("Value error, ")
             if error["loc"]:
-                lines.append(f"{name}={error.get('input')!r}: {message}")
+                lines.append(f"{name}={_shown(error['loc'][0], error.get('input'))}: {message}")
             else:
                 lines.append(message)
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+# Settings whose value may hold a secret by mistake (a token pasted where its hash belongs) or
+# by design (a database password): an error names them without repeating the value.
+_NOT_REPEATED = frozenset({"token_hashes"})
+
+
+def _shown(setting: object, value: object) -> str:
+    if setting in _NOT_REPEATED:
+        return "<not shown>"
+    if setting == "database_url" and isinstance(value, str):
+        return repr(re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", value))
+    return repr(value)
 
 
 def describe_settings() -> str:

@@ -420,8 +420,15 @@ class Connections:
         name = WITHOUT_ID_DENIED if external_id is None else OTHER_ID_DENIED
         try:
             await self._aws.assume_role(probe)
-        except RoleNotAssumable:
-            return Check(name, True, "denied, as it must be")
+        except RoleNotAssumable as refused:
+            if refused.code == "AccessDenied":
+                return Check(name, True, "denied, as it must be")
+            return Check(
+                name,
+                False,
+                f"AWS refused the probe with {refused.code}, not AccessDenied, so it is not known "
+                "whether the trust policy would deny it; verify again",
+            )
         fix = (
             f'Use exactly the condition "StringEquals": {{"sts:ExternalId": '
             f'"{connection.external_id}"}} in the trust policy (the broker\'s CloudFormation '

@@ -72,15 +72,15 @@ def _account_of(arn: str) -> str:
 
 
 def _role_of(arn: str) -> str | None:
-    """`account/role-name` for a role ARN (any path) or an assumed-role session ARN."""
+    """`partition:account/role-name` for a role ARN (any path) or an assumed-role session ARN."""
     parts = arn.split(":", 5)
     if len(parts) != 6:
         return None
     resource = parts[5]
     if parts[2] == "iam" and resource.startswith("role/"):
-        return f"{parts[4]}/{resource.rsplit('/', 1)[-1]}"
+        return f"{parts[1]}:{parts[4]}/{resource.rsplit('/', 1)[-1]}"
     if parts[2] == "sts" and resource.startswith("assumed-role/"):
-        return f"{parts[4]}/{resource.split('/')[1]}"
+        return f"{parts[1]}:{parts[4]}/{resource.split('/')[1]}"
     return None
 
 
