@@ -27,11 +27,12 @@ import hashlib
 import hmac
 import re
 import secrets
-import ssl
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from cryptography import x509
 
 from broker import validation
 from broker.errors import InvalidArgument, PermissionDenied, Unauthenticated
@@ -405,63 +406,22 @@ def _bearer(metadata: Any) -> str | None:
     return None
 
 
-# A client certificate's SANs read from its DER, for `Guard._certificate_caller` to compare with
-# grpc's: just enough DER (X.509's Certificate → TBSCertificate → [3] extensions → the
-# subjectAltName extension → its GeneralNames) to find them. Anything unexpected reads as None.
-_SUBJECT_ALT_NAME = bytes.fromhex("551d11")  # OID 2.5.29.17
-_URI, _DNS = 0x86, 0x82  # GeneralName [6] uniformResourceIdentifier and [2] dNSName
-_EXTENSIONS = 0xA3  # TBSCertificate [3]
-
-
 @functools.lru_cache(maxsize=1024)
 def _certificate_names(pem: bytes) -> tuple[tuple[bytes, ...], tuple[bytes, ...]] | None:
-    """(URI SANs, DNS SANs), each sorted, of a PEM certificate; None if it cannot be read.
+    """(URI SANs, DNS SANs), each sorted, of a PEM certificate, read by `cryptography` for
+    `Guard._certificate_caller` to compare with grpc's view; None if it cannot be read.
     Cached: a client sends the same certificate on every call of a connection."""
     try:
-        der = ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
-        _, start, end = _only(der, 0, len(der))  # Certificate
-        _, start, end = next(_elements(der, start, end))  # TBSCertificate
-        extensions = [(s, e) for tag, s, e in _elements(der, start, end) if tag == _EXTENSIONS]
-        if not extensions:
+        certificate = x509.load_pem_x509_certificate(pem)
+        try:
+            names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        except x509.ExtensionNotFound:
             return (), ()
-        (_, start, end), *more = [_only(der, s, e) for s, e in extensions]  # SEQUENCE OF Extension
-        if more:
-            raise ValueError("two extension lists")
-        for _, first, last in _elements(der, start, end):
-            (oid, oid_start, oid_end), *_, (kind, value, value_end) = _elements(der, first, last)
-            if oid == 0x06 and der[oid_start:oid_end] == _SUBJECT_ALT_NAME and kind == 0x04:
-                _, start, end = _only(der, value, value_end)  # GeneralNames
-                names = [(tag, der[s:e]) for tag, s, e in _elements(der, start, end)]
-                return (
-                    tuple(sorted(name for tag, name in names if tag == _URI)),
-                    tuple(sorted(name for tag, name in names if tag == _DNS)),
-                )
-        return (), ()
-    except (ValueError, IndexError, StopIteration):
+        uris = names.value.get_values_for_type(x509.UniformResourceIdentifier)
+        dns = names.value.get_values_for_type(x509.DNSName)
+        return (
+            tuple(sorted(name.encode() for name in uris)),
+            tuple(sorted(name.encode() for name in dns)),
+        )
+    except ValueError:  # not a certificate, or a SAN that is not IA5 text
         return None
-
-
-def _elements(der: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(tag, start, end of contents) of each DER element in der[start:end]."""
-    while start < end:
-        tag, length = der[start], der[start + 1]
-        start += 2
-        if tag & 0x1F == 0x1F:
-            raise ValueError("multi-byte tag")
-        if length & 0x80:
-            size = length & 0x7F
-            if not 1 <= size <= 3:
-                raise ValueError("unexpected length")
-            length = int.from_bytes(der[start : start + size], "big")
-            start += size
-        if start + length > end:
-            raise ValueError("element overruns its parent")
-        yield tag, start, start + length
-        start += length
-
-
-def _only(der: bytes, start: int, end: int) -> tuple[int, int, int]:
-    elements = list(_elements(der, start, end))
-    if len(elements) != 1:
-        raise ValueError("expected one element")
-    return elements[0]
