@@ -147,16 +147,24 @@ def _serve() -> None:
 
 def _sandbox_endpoint(args: argparse.Namespace) -> None:
     from broker import sandbox
-    from broker.client import BrokerClient, ClientTls
+    from broker.client import BrokerClient, ClientTls, PlaintextRefused, check_transport
 
     host, port = split_host_port(args.listen)
     if not is_loopback(host):
         raise ConfigError(
             f"--listen {args.listen}: the endpoint serves credentials on loopback only"
         )
+    if (args.cert_file or args.key_file) and not args.ca_file:
+        raise ConfigError("--cert-file and --key-file (mTLS) need --ca-file (the broker's CA)")
     logs.configure("INFO", "text")
     tls = ClientTls(args.ca_file, args.cert_file, args.key_file) if args.ca_file else None
-    token = args.token_file.read_text().strip() if args.token_file else None
+    try:
+        check_transport(args.broker, tls)  # before the token is even read
+        token = args.token_file.read_text().strip() if args.token_file else None
+    except PlaintextRefused as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"--token-file: cannot read it ({exc.strerror})") from None
 
     async def serve() -> None:
         async with BrokerClient(args.broker, tls=tls, token=token) as client:

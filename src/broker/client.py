@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from broker.config import is_loopback, split_host_port
 from broker.delivery import RunCredentials
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc
@@ -35,6 +36,53 @@ RECONNECT_CODES = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
+
+
+# gRPC target schemes whose addresses are sockets on this machine.
+LOCAL_SOCKET_SCHEMES = ("unix:", "unix-abstract:")
+
+
+class PlaintextRefused(ValueError):
+    """A broker off this machine was given without TLS: the bearer token and the credentials
+    in the answers would cross the network in plaintext."""
+
+
+def target_hosts(target: str) -> list[str] | None:
+    """The hosts a gRPC target reaches, or None for a local socket (unix:, unix-abstract:).
+    Forms: host:port, [v6]:port, dns:[//authority/]host:port, ipv4:a:p[,…], ipv6:[a]:p[,…].
+    A target whose host cannot be made out is returned whole, so it counts as not loopback."""
+    if target.startswith(LOCAL_SOCKET_SCHEMES):
+        return None
+    if target.startswith(("ipv4:", "ipv6:")):
+        addresses = target.partition(":")[2].split(",")
+    elif target.startswith("dns:"):
+        name = target.removeprefix("dns:")
+        if name.startswith("//"):
+            name = name[2:].partition("/")[2]  # past the DNS server's authority, if any
+        addresses = [name]
+    else:
+        addresses = [target]
+    hosts = []
+    for address in addresses:
+        try:
+            hosts.append(split_host_port(address)[0])
+        except ValueError:
+            hosts.append(address)
+    return hosts
+
+
+def check_transport(target: str, tls: ClientTls | None) -> None:
+    """Raise PlaintextRefused unless `target` is reached over TLS or stays on this machine
+    (loopback: 127.0.0.0/8, ::1, "localhost"; or a unix socket)."""
+    if tls is not None:
+        return
+    hosts = target_hosts(target)
+    if hosts is not None and not all(is_loopback(host) for host in hosts):
+        raise PlaintextRefused(
+            f"refusing to reach the broker at {target} without TLS: the bearer token and the "
+            "AWS credentials would cross the network in plaintext. Give the broker's CA "
+            "(ClientTls, or --ca-file), or use a loopback address"
+        )
 
 
 @dataclass(frozen=True)
@@ -54,7 +102,11 @@ class ClientTls:
 
 
 class BrokerClient:
-    """One channel to the broker. Close it (or use `async with`)."""
+    """One channel to the broker. Close it (or use `async with`).
+
+    Without `tls`, `target` must be loopback or a unix socket: PlaintextRefused is raised
+    before any channel is made (a token or credentials never cross the network in the clear).
+    """
 
     def __init__(
         self,
@@ -64,6 +116,7 @@ class BrokerClient:
         token: str | None = None,
         reconnect_backoff: tuple[float, float] = (0.2, 10.0),
     ) -> None:
+        check_transport(target, tls)
         options = [("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 1)]
         self._channel = (
             grpc.aio.secure_channel(target, tls.credentials(), options=options)

@@ -1,0 +1,166 @@
+"""A bearer token (and the credentials answered) never cross the network in plaintext: without
+TLS, `BrokerClient` and `broker sandbox-endpoint` reach only loopback or a unix socket, for every
+form a gRPC target can take. Refusals happen before any channel exists; allowed forms reach a
+real broker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from broker.client import BrokerClient, ClientTls, PlaintextRefused
+from broker.emulator import Identity, LocalAws
+from tests.certs import Authority
+from tests.conftest import settings_for, start_broker
+from tests.processes import BIN
+
+TOKEN = "tok-" + "s3cr3t" * 6  # recognisable, so a test can look for it in any output
+
+REFUSED = [
+    "broker.internal:50051",
+    "10.1.2.3:50051",
+    "0.0.0.0:50051",
+    "[::]:50051",
+    "[2001:db8::1]:50051",
+    "localhost.example.com:50051",
+    "127.0.0.1.example.com:50051",
+    "localhost-1:50051",
+    "broker.internal",
+    "dns:///broker.internal:50051",
+    "dns:broker.internal:50051",
+    "dns://127.0.0.1/broker.internal:50051",  # a loopback DNS server, a remote broker
+    "dns:///localhost.example.com:50051",
+    "ipv4:10.1.2.3:50051",
+    "ipv4:127.0.0.1:50051,10.1.2.3:50051",  # one remote address is enough
+    "ipv6:[2001:db8::1]:50051",
+    "xds:///broker",
+]
+LOOPBACK = [
+    "127.0.0.1:{port}",
+    "localhost:{port}",
+    "dns:///127.0.0.1:{port}",
+    "dns:127.0.0.1:{port}",
+    "dns:///localhost:{port}",
+    "ipv4:127.0.0.1:{port}",
+    "ipv4:127.0.0.1:{port},127.0.0.1:{port}",
+]
+LOCAL_ONLY = ["[::1]:50051", "ipv6:[::1]:50051", "127.8.9.10:50051", "localhost"]
+SOCKETS = ["unix:/run/broker.sock", "unix:///run/broker.sock", "unix-abstract:broker"]
+
+
+@pytest.fixture
+def channels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every channel BrokerClient opens, by kind (the real channel is still made)."""
+    opened: list[str] = []
+
+    def recording(kind: str, make: Callable[..., Any]) -> Callable[..., Any]:
+        def opener(*args: Any, **kwargs: Any) -> Any:
+            opened.append(kind)
+            return make(*args, **kwargs)
+
+        return opener
+
+    monkeypatch.setattr(grpc.aio, "insecure_channel", recording("plain", grpc.aio.insecure_channel))
+    monkeypatch.setattr(grpc.aio, "secure_channel", recording("tls", grpc.aio.secure_channel))
+    return opened
+
+
+@pytest.mark.parametrize("token", [TOKEN, None], ids=["token", "no-token"])
+@pytest.mark.parametrize("target", REFUSED)
+def test_client_refuses_a_remote_broker_without_tls_before_any_channel(
+    target: str, token: str | None, channels: list[str]
+) -> None:
+    with pytest.raises(PlaintextRefused, match="without TLS") as refused:
+        BrokerClient(target, token=token)
+    assert isinstance(refused.value, ValueError)
+    assert target in str(refused.value)
+    assert TOKEN not in str(refused.value)
+    assert channels == []
+
+
+@pytest.mark.parametrize("target", LOCAL_ONLY + SOCKETS)
+async def test_client_accepts_loopback_and_unix_sockets_without_tls(
+    target: str, channels: list[str]
+) -> None:
+    client = BrokerClient(target, token=TOKEN)
+    await client.close()
+    assert channels == ["plain"]
+
+
+@pytest.mark.parametrize("target", [*REFUSED[:6], "dns:///broker.internal:50051"])
+async def test_client_reaches_a_remote_broker_over_tls(
+    target: str, channels: list[str], tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(Authority("broker-ca").cert_pem)
+    client = BrokerClient(target, tls=ClientTls(ca), token=TOKEN)
+    await client.close()
+    assert channels == ["tls"]
+
+
+async def test_every_loopback_form_reaches_a_real_broker_with_its_token(
+    local_aws: LocalAws, broker_identity: Identity, template_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(f"sqlite:///{tmp_path / 'b.db'}", local_aws, template_url)
+    async with start_broker(settings, broker_identity) as running:
+        for number, form in enumerate(LOOPBACK):
+            async with BrokerClient(form.format(port=running.broker.port), token=TOKEN) as client:
+                created = await client.create_connection(f"client-{number}")
+                assert created.external_id, form
+
+
+def sandbox_endpoint(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    command = [str(BIN / "broker"), "sandbox-endpoint", "--tenant", "acme", "--run", "run-1"]
+    return subprocess.run(
+        [*command, *args, "--token-file", str(token_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("BROKER_")},
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "broker.internal:50051",
+        "0.0.0.0:50051",
+        "[2001:db8::1]:50051",
+        "localhost.example.com:50051",
+        "127.0.0.1.example.com:50051",
+        "dns:///broker.internal:50051",
+        "ipv4:10.1.2.3:50051",
+        "ipv6:[2001:db8::1]:50051",
+    ],
+)
+def test_sandbox_endpoint_refuses_a_remote_broker_without_tls(target: str, tmp_path: Path) -> None:
+    done = sandbox_endpoint("--broker", target, tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"broker: refusing to reach the broker at {target} without TLS")
+    assert "--ca-file" in line
+    assert TOKEN not in done.stdout + done.stderr
+
+
+def test_sandbox_endpoint_refuses_a_client_certificate_without_the_brokers_ca(
+    tmp_path: Path,
+) -> None:
+    certificate = tmp_path / "me.crt"
+    certificate.write_text("not read")
+    done = sandbox_endpoint(
+        "--broker", "127.0.0.1:50051", "--cert-file", str(certificate), tmp_path=tmp_path
+    )
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert "need --ca-file" in line
+    assert TOKEN not in done.stdout + done.stderr
