@@ -164,3 +164,17 @@ def test_sandbox_endpoint_refuses_a_client_certificate_without_the_brokers_ca(
     (line,) = done.stderr.splitlines()
     assert "need --ca-file" in line
     assert TOKEN not in done.stdout + done.stderr
+
+
+def test_sandbox_endpoint_says_when_the_token_file_cannot_be_read(tmp_path: Path) -> None:
+    command = [str(BIN / "broker"), "sandbox-endpoint", "--tenant", "acme", "--run", "run-1"]
+    done = subprocess.run(
+        [*command, "--broker", "127.0.0.1:50051", "--token-file", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("broker: --token-file: cannot read it")
