@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.auth import hash_token
 from broker.template import template_body
 from tests.processes import BIN, BrokerProcess
 
@@ -240,3 +241,16 @@ def test_serve_runs_on_the_event_loop_set(tmp_path: Path, setting: str | None, l
         assert broker.stop() == 0
     finally:
         broker.close()
+
+
+def test_token_prints_the_token_its_hash_and_how_the_policy_names_it() -> None:
+    made = run(str(BIN / "broker"), "token", "launcher")
+    assert made.returncode == 0, made.stderr
+    lines = made.stdout.splitlines()
+    token = lines[0].rsplit(" ", 1)[1]
+    assert lines[1] == f"BROKER_TOKEN_HASHES entry: launcher={hash_token(token)}"
+    assert lines[2] == "BROKER_POLICY names this caller: token:launcher"
+    refused = run(str(BIN / "broker"), "token", "launcher=credentials")
+    assert refused.returncode == 2
+    assert len(refused.stderr.splitlines()) == 1
+    assert "not a token name" in refused.stderr

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from broker import logs
-from broker.auth import hash_token, new_token
+from broker.auth import TOKEN_NAME, hash_token, new_token
 from broker.config import (
     ConfigError,
     describe_settings,
@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     token = commands.add_parser(
         "token", help="make a bearer token for a caller, and the hash the broker is configured with"
     )
-    token.add_argument("identity", help="the caller's name in BROKER_POLICY, e.g. launcher")
+    token.add_argument(
+        "identity", help="the token's name, e.g. launcher (BROKER_POLICY calls it token:launcher)"
+    )
     sandbox = commands.add_parser(
         "sandbox-endpoint",
         help="serve one run's credentials to the AWS SDKs in its sandbox, renewed as they expire",
@@ -109,9 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "migrate":
             asyncio.run(_migrate())
         elif args.command == "token":
+            if not TOKEN_NAME.fullmatch(args.identity):
+                raise ConfigError(
+                    f"{args.identity[:64]!r} is not a token name (1-128 of A-Z a-z 0-9 . _ -)"
+                )
             secret = new_token()
             print(f"token (give it to {args.identity} only; it is not stored): {secret}")
             print(f"BROKER_TOKEN_HASHES entry: {args.identity}={hash_token(secret)}")
+            print(f"BROKER_POLICY names this caller: token:{args.identity}")
     except ConfigError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return 2
