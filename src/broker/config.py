@@ -30,6 +30,9 @@ DEFAULT_MAX_PENDING_REQUESTS = 20_000
 DEFAULT_MAX_CALL_SECONDS = 60.0
 DEFAULT_RECHECK_INTERVAL = 30.0
 DEFAULT_REVERIFY_INTERVAL = 300.0
+DEFAULT_GRANT_MAX_STALENESS = 30.0
+DEFAULT_STORE_READ_TIMEOUT = 0.2
+DEFAULT_DRAIN_SECONDS = 5.0
 DEFAULT_STS_MAX_CONCURRENCY = 32
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
 
@@ -114,6 +117,29 @@ class Settings(BaseSettings):
         DEFAULT_SHUTDOWN_GRACE,
         ge=0,
         description="Seconds in-flight calls get to finish on SIGTERM before they are cancelled.",
+    )
+    drain_seconds: float = Field(
+        DEFAULT_DRAIN_SECONDS,
+        ge=0,
+        le=300,
+        description="Seconds the server keeps accepting calls on SIGTERM after health turns "
+        "NOT_SERVING, so load balancers and readiness probes move callers away first.",
+    )
+    grant_max_staleness: float = Field(
+        DEFAULT_GRANT_MAX_STALENESS,
+        gt=0,
+        le=3600,
+        description="A replica mints a new STS session for a tenant only while the store "
+        "confirmed the tenant's ACTIVE connection within this many seconds (a read, or an "
+        "unbroken change-notification channel); past it, UNAVAILABLE. Credentials already "
+        "issued to a run are served until their refresh point.",
+    )
+    store_read_timeout: float = Field(
+        DEFAULT_STORE_READ_TIMEOUT,
+        gt=0,
+        le=10,
+        description="Longest a call waits for the store to read a tenant's connection before "
+        "it falls back to the one last read (within BROKER_GRANT_MAX_STALENESS).",
     )
     max_pending_requests: int = Field(
         DEFAULT_MAX_PENDING_REQUESTS,
