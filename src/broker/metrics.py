@@ -1,13 +1,13 @@
 """Prometheus metrics (one registry per broker), served on BROKER_METRICS_LISTEN.
 
-Labels are bounded: method, status code, outcome, connection status. Never a tenant, a run, an
-ARN or a key: those belong in logs and audit events.
+Labels are bounded: method, status code, outcome, connection status, background loop. Never a
+tenant, a run, an ARN or a key: those belong in logs and audit events.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from broker.streams import StreamHub
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# The background loops that log a failure, count it (`background_error`) and carry on.
+Loop = Literal["listener", "change", "recheck", "reverify"]
+BACKGROUND_LOOPS: dict[Loop, str] = {
+    "listener": "the store's change-notification connection lost or not made",
+    "change": "a re-check after a notification or a gap in them",
+    "recheck": "the periodic re-check",
+    "reverify": "the periodic re-verification of roles",
+}
 
 
 class Metrics:
@@ -57,6 +65,16 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.background_errors = Counter(
+            "broker_background_errors",
+            "Failures the background loops logged and carried on from, by loop: "
+            + "; ".join(f"{loop} ({what})" for loop, what in BACKGROUND_LOOPS.items())
+            + ".",
+            ["loop"],
+            registry=self.registry,
+        )
+        for loop in BACKGROUND_LOOPS:  # every loop shows, at 0 until it fails
+            self.background_errors.labels(loop)
 
         # The labelled children each RPC records into, looked up once (`labels` is not free).
         self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -69,6 +87,10 @@ class Metrics:
             self._rpc_children[(method, code)] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def background_error(self, loop: Loop) -> None:
+        """Count one failure of a background loop (one of BACKGROUND_LOOPS)."""
+        self.background_errors.labels(loop).inc()
 
     def watch(
         self,

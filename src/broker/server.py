@@ -220,10 +220,13 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
         await health_server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    sync = TenantSync(store, cache, hub, forget=connections.forget)
+    sync = TenantSync(store, cache, hub, forget=connections.forget, metrics=metrics)
     background = [
         asyncio.create_task(_sweep_forever(cache), name="cache-sweeper"),
-        asyncio.create_task(store.listen(sync.on_change, sync.on_missed), name="store-listener"),
+        asyncio.create_task(
+            store.listen(sync.on_change, sync.on_missed, sync.on_listener_error),
+            name="store-listener",
+        ),
         asyncio.create_task(sync.recheck_forever(settings.recheck_interval), name="recheck"),
         asyncio.create_task(
             sync.reverify_forever(settings.reverify_interval, connections.recheck_role),

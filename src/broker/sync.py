@@ -4,6 +4,9 @@ A change is heard at once through the store's notifications (`on_change`); a per
 of every tenant this replica holds anything for catches what a lost notification missed.
 Either way the tenant's connection is read again, and its cached credentials and streams are
 dropped or refreshed only if what they were issued under is no longer what the store says.
+
+None of this ever stops for good: a failure (the store down or hung, or a bug) is logged,
+counted in `broker_background_errors{loop}`, and the next notification or pass tries again.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from broker.cache import CredentialCache
 from broker.errors import BrokerError
+from broker.metrics import Loop, Metrics
 from broker.models import Grant, Status
 from broker.store import ConnectionStore
 from broker.streams import StreamHub
@@ -37,11 +41,13 @@ class TenantSync:
         cache: CredentialCache,
         hub: StreamHub,
         forget: Callable[[str], None] = lambda _: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._cache = cache
         self._hub = hub
         self._forget = forget  # drops a tenant's grant remembered by Connections
+        self._metrics = metrics
         self._pending: dict[str, asyncio.Task[None]] = {}
 
     def on_change(self, tenant_id: str) -> None:
@@ -49,7 +55,9 @@ class TenantSync:
         held for it is re-checked (soon, once)."""
         self._forget(tenant_id)
         if tenant_id not in self._pending:
-            task = asyncio.create_task(self.recheck(tenant_id), name=f"recheck:{tenant_id}")
+            task = asyncio.create_task(
+                self.recheck(tenant_id, "change"), name=f"recheck:{tenant_id}"
+            )
             self._pending[tenant_id] = task
             task.add_done_callback(lambda _: self._pending.pop(tenant_id, None))
 
@@ -58,15 +66,28 @@ class TenantSync:
         for tenant_id in self.held_tenants():
             self.on_change(tenant_id)
 
+    def on_listener_error(self) -> None:
+        """The store's listener lost its connection or could not make one (it comes back by
+        itself, and calls `on_missed`)."""
+        self._failed("listener")
+
     def held_tenants(self) -> set[str]:
         return set(self._cache.tenants()) | set(self._hub.tenants())
 
-    async def recheck(self, tenant_id: str) -> None:
+    async def recheck(self, tenant_id: str, loop: Loop = "change") -> None:
+        """Re-read the tenant and drop what is held under a grant that changed. Never raises
+        (but when cancelled): a failure is logged and counted under `loop`."""
         try:
-            connection = await self._store.get(tenant_id)
-        except BrokerError as exc:
+            await self._recheck(tenant_id)
+        except BrokerError as exc:  # the store is unavailable: the next re-check tries again
             log.warning("cannot re-check tenant", extra={"tenant": tenant_id, "error": str(exc)})
-            return
+            self._failed(loop)
+        except Exception:
+            log.exception("re-check failed", extra={"tenant": tenant_id})
+            self._failed(loop)
+
+    async def _recheck(self, tenant_id: str) -> None:
+        connection = await self._store.get(tenant_id)
         current = (
             (connection.role_arn, connection.external_id)
             if connection is not None and connection.status is Status.ACTIVE
@@ -94,13 +115,27 @@ class TenantSync:
                     await recheck_role(tenant_id)
                 except Exception:
                     log.exception("role re-check failed", extra={"tenant": tenant_id})
+                    self._failed("reverify")
 
         while True:
             await asyncio.sleep(interval)
-            await asyncio.gather(*(one(t) for t in sorted(self.held_tenants())))
+            try:
+                await asyncio.gather(*(one(t) for t in sorted(self.held_tenants())))
+            except Exception:  # `one` keeps its own; this is anything else
+                log.exception("role re-check pass failed")
+                self._failed("reverify")
 
     async def recheck_forever(self, interval: float) -> None:
-        """The safety net: every `interval` seconds, re-check every tenant held."""
+        """The safety net: every `interval` seconds, re-check every tenant held. The loop
+        outlives any one failure."""
         while True:
             await asyncio.sleep(interval)
-            await asyncio.gather(*(self.recheck(t) for t in self.held_tenants()))
+            try:
+                await asyncio.gather(*(self.recheck(t, "recheck") for t in self.held_tenants()))
+            except Exception:  # `recheck` keeps its own; this is anything else
+                log.exception("re-check pass failed")
+                self._failed("recheck")
+
+    def _failed(self, loop: Loop) -> None:
+        if self._metrics is not None:
+            self._metrics.background_error(loop)

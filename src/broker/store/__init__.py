@@ -49,9 +49,25 @@ class ConnectionStore(Protocol):
         """The tenant's most recent events, newest first."""
         ...
 
-    async def listen(self, on_change: Callable[[str], None], on_missed: Callable[[], None]) -> None:
+    async def listen(
+        self,
+        on_change: Callable[[str], None],
+        on_missed: Callable[[], None],
+        on_error: Callable[[], None] = ...,
+    ) -> None:
         """Until cancelled: call `on_change(tenant_id)` for every change another replica saves,
-        and `on_missed()` after an interruption in which changes may have been missed."""
+        and `on_missed()` after an interruption in which changes may have been missed. It never
+        gives up: each failure (connection lost or not made, whatever the exception) is logged
+        and reported to `on_error()`, and it listens again."""
+        ...
+
+    def channel_alive(self) -> tuple[float, float] | None:
+        """The most recent unbroken stretch of the change-notification channel, as (start, last
+        proof of life) in `time.monotonic()` seconds; None if it has never been up. While the
+        channel is up the end advances every few seconds (PostgreSQL: every
+        LISTENER_PING_INTERVAL, and on each notification); once it breaks, the pair stays as
+        it was until a new stretch starts. A stretch vouches for every change saved between
+        its start and its end having been heard."""
         ...
 
     async def count_by_status(self) -> dict[str, int]:

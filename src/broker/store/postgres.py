@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -36,10 +37,13 @@ log = logging.getLogger(__name__)
 CHANNEL = "broker_connections"
 LISTENER_NAME = "credential-broker-listener"  # application_name, to tell it apart
 MIGRATION_LOCK = 0x62726F6B  # pg_advisory_xact_lock key: one replica migrates at a time
-CONNECT_TIMEOUT = 2.0
-COMMAND_TIMEOUT = 5.0
-RELISTEN_BACKOFF_MAX = 10.0
-LISTENER_PING_INTERVAL = 5.0
+CONNECT_TIMEOUT = 2.0  # to make a connection (TCP and authentication) or take one from the pool
+COMMAND_TIMEOUT = 5.0  # the whole of one call of the store, waiting for a connection included
+RELISTEN_BACKOFF_MAX = 5.0  # the longest pause between the listener's attempts to come back
+# The listener proves its connection alive this often (`channel_alive`), and gives up on it
+# when a ping goes unanswered this long: a hung database is noticed within about 3 s.
+LISTENER_PING_INTERVAL = 2.0
+LISTENER_PING_TIMEOUT = 1.0
 
 # Applied in order, each once; broker_schema records how many have run.
 MIGRATIONS = (
@@ -87,15 +91,35 @@ MIGRATIONS = (
 )
 ROLE_INDEX = "connections_role_held_once"
 
-# What a store that cannot be reached raises, in asyncpg and below it.
-UNREACHABLE = (
+# Every way the database fails a call, in asyncpg and below it: the one list `_reachable`
+# turns into StoreUnavailable (retryable, UNAVAILABLE). Anything else is a bug, or a domain
+# answer (StoreConflict, RoleInUse), and stays what it is.
+UNREACHABLE: tuple[type[Exception], ...] = (
+    # Nothing answers: refused, reset, no route (OSError); a hung server, past a timeout.
     OSError,
     TimeoutError,
+    # The connection broke or could not be made (SQLSTATE class 08); asyncpg's side of it:
+    # closed, "another operation is in progress", the pool closing (InterfaceError), its
+    # protocol state lost or no host matching target_session_attrs (InternalClientError).
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.InternalClientError,
+    # The server refuses the session: too many connections (class 53, with disk full and out
+    # of memory), authentication failed (class 28: e.g. a password rotated under a running
+    # replica), the database gone or not accepting connections.
+    asyncpg.InsufficientResourcesError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.ObjectNotInPrerequisiteStateError,
+    # An operator or the server ended it (class 57): shut down, crashed, starting up,
+    # cancelled, idle timeout, database dropped.
+    asyncpg.OperatorInterventionError,
+    # A server that cannot write: a read-only failover target, a standby.
+    asyncpg.ReadOnlySQLTransactionError,
+    # The server's own I/O failed (class 58).
+    asyncpg.PostgresSystemError,
 )
+_ABANDONED: tuple[type[BaseException], ...] = (asyncio.CancelledError, *UNREACHABLE)
 
 
 @contextlib.contextmanager
@@ -110,18 +134,26 @@ def _role_held_once(connection: Connection) -> Any:
 
 @contextlib.contextmanager
 def _reachable() -> Any:
+    """UNREACHABLE → StoreUnavailable, whose message names the error's class and nothing else
+    (asyncpg's messages may carry a host, a user or a database name)."""
     try:
         yield
+    except asyncpg.DataError:  # a value the query cannot take: a bug, not an outage
+        raise
     except UNREACHABLE as exc:
-        raise StoreUnavailable(f"the database cannot be reached ({type(exc).__name__})") from exc
+        raise StoreUnavailable(f"the database is unavailable ({type(exc).__name__})") from exc
 
 
 class PostgresStore:
-    """Connections in PostgreSQL. `_pool` serves queries; `listen` holds its own connection."""
+    """Connections in PostgreSQL. `_pool` serves queries; `listen` holds its own connection.
+    `_channel_start` and `_channel_last` are the current (or last) stretch of that listening
+    connection (`channel_alive`); only `_listen_once` changes them."""
 
     def __init__(self, url: str, pool: asyncpg.Pool) -> None:
         self._url = url
         self._pool = pool
+        self._channel_start: float | None = None
+        self._channel_last = 0.0
 
     @classmethod
     async def open(cls, url: str) -> PostgresStore:
@@ -134,14 +166,34 @@ class PostgresStore:
                 command_timeout=COMMAND_TIMEOUT,
                 server_settings={"application_name": "credential-broker"},
             )
-            await migrate(pool)
+            try:
+                await migrate(pool)
+            except BaseException:
+                pool.terminate()
+                raise
         return cls(url, pool)
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Any]]:
+        """A pooled connection for one call, which takes COMMAND_TIMEOUT at most in all. A
+        connection that failed, timed out or was cancelled mid-call is dropped, not reused
+        (nor waited for: asyncpg would wait for its query's cancellation to be answered)."""
         with _reachable():
-            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as connection:
-                yield connection
+            async with (
+                asyncio.timeout(COMMAND_TIMEOUT),
+                self._pool.acquire(timeout=CONNECT_TIMEOUT) as connection,
+            ):
+                try:
+                    yield connection
+                except _ABANDONED:
+                    with contextlib.suppress(asyncpg.InterfaceError):  # the pool dropped it first
+                        connection.terminate()
+                    raise
+
+    def channel_alive(self) -> tuple[float, float] | None:
+        if self._channel_start is None:
+            return None
+        return (self._channel_start, self._channel_last)
 
     async def get(self, tenant_id: str) -> Connection | None:
         async with self._connection() as db:
@@ -220,57 +272,85 @@ class PostgresStore:
             rows = await db.fetch("SELECT status, count(*) FROM connections GROUP BY status")
         return {row[0]: row[1] for row in rows}
 
-    async def listen(self, on_change: Callable[[str], None], on_missed: Callable[[], None]) -> None:
+    async def listen(
+        self,
+        on_change: Callable[[str], None],
+        on_missed: Callable[[], None],
+        on_error: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Until cancelled. Whatever ends a listening connection, or keeps one from being made,
+        is logged, reported to `on_error`, and the listener comes back: at once after losing
+        a connection that was listening, else after a pause that doubles (RELISTEN_BACKOFF_MAX
+        at most)."""
         first = True
-        backoff = 0.5
+        pause = 0.0
         while True:
+            stretch = self._channel_start
             try:
-                await self._listen_once(on_change, on_missed if not first else lambda: None)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # whatever it was, the listener must come back
-                log.warning(
-                    "not listening for changes; retrying",
-                    extra={"error": type(exc).__name__, "retry_in": backoff},
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RELISTEN_BACKOFF_MAX)
-            else:
-                backoff = 0.5
-            first = False
+                with _reachable():
+                    await self._listen_once(on_change, (lambda: None) if first else on_missed)
+            except Exception as exc:  # it always raises (but when cancelled): come back
+                first = False
+                if self._channel_start != stretch:  # it was listening: the connection was lost
+                    pause = 0.0
+                extra = {"error": str(exc) or type(exc).__name__, "retry_in": pause}
+                if isinstance(exc, StoreUnavailable):
+                    log.warning("not listening for changes; retrying", extra=extra)
+                else:  # a bug: its traceback, and the listener comes back all the same
+                    log.error("not listening for changes; retrying", exc_info=exc, extra=extra)
+                on_error()
+            await asyncio.sleep(pause)
+            pause = min(max(pause * 2, 0.5), RELISTEN_BACKOFF_MAX)
 
     async def _listen_once(
         self, on_change: Callable[[str], None], on_listening: Callable[[], None]
     ) -> None:
-        """Listen on one connection until it is lost (returns) or cannot be made (raises)."""
+        """Listen on one connection until it is lost or stops answering pings; always raises.
+        From LISTEN on, each ping answered (as of when it was sent) and each notification
+        received is a proof of life of the channel (`channel_alive`)."""
         listener = await asyncpg.connect(
             self._url,
             timeout=CONNECT_TIMEOUT,
+            command_timeout=CONNECT_TIMEOUT,
             server_settings={"application_name": LISTENER_NAME},
         )
         lost = asyncio.Event()
         listener.add_termination_listener(lambda _: lost.set())
+
+        def notified(*args: Any) -> None:
+            self._channel_last = time.monotonic()
+            on_change(args[3])
+
         try:
-            await listener.add_listener(CHANNEL, lambda *args: on_change(args[3]))
+            await listener.add_listener(CHANNEL, notified)
+            self._channel_start = self._channel_last = time.monotonic()
             log.info("listening for changes")
             on_listening()
             while not lost.is_set():  # a dropped socket is noticed by the next query
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(lost.wait(), timeout=LISTENER_PING_INTERVAL)
                 if not lost.is_set():
-                    await listener.execute("SELECT 1", timeout=CONNECT_TIMEOUT)
+                    # Once answered, every notification committed before it was sent is in.
+                    sent = time.monotonic()
+                    await listener.execute("SELECT 1", timeout=LISTENER_PING_TIMEOUT)
+                    self._channel_last = max(self._channel_last, sent)
         finally:
             listener.terminate()
-        log.warning("lost the listening connection; reconnecting")
+        raise StoreUnavailable("the database is unavailable (the listening connection was lost)")
 
     async def close(self) -> None:
-        await self._pool.close()
+        """Close the pool; what is still in use after CONNECT_TIMEOUT (a hung database) is
+        dropped instead of waited for."""
+        try:
+            await asyncio.wait_for(self._pool.close(), CONNECT_TIMEOUT)
+        except UNREACHABLE:
+            self._pool.terminate()
 
 
 async def migrate(pool: asyncpg.Pool) -> int:
     """Apply the migrations not yet applied; safe when replicas start at once (an advisory
     lock lets one migrate while the others wait). Returns the schema version."""
-    async with pool.acquire() as db, db.transaction():
+    async with pool.acquire(timeout=CONNECT_TIMEOUT) as db, db.transaction():
         await db.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await db.execute("CREATE TABLE IF NOT EXISTS broker_schema (version INTEGER NOT NULL)")
         current = await db.fetchval("SELECT max(version) FROM broker_schema") or 0

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -85,6 +86,7 @@ class SqliteStore:
     def __init__(self, path: str) -> None:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._db: sqlite3.Connection = self._worker.submit(_open, path).result()
+        self._opened = time.monotonic()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(
@@ -128,9 +130,19 @@ class SqliteStore:
         )
         return {status: count for status, count in rows}
 
-    async def listen(self, on_change: Callable[[str], None], on_missed: Callable[[], None]) -> None:
+    async def listen(
+        self,
+        on_change: Callable[[str], None],
+        on_missed: Callable[[], None],
+        on_error: Callable[[], None] = lambda: None,
+    ) -> None:
         """One SQLite file serves one replica: nobody else changes it, nothing to hear."""
         await asyncio.Event().wait()
+
+    def channel_alive(self) -> tuple[float, float] | None:
+        """Nobody else writes the file, so nothing can be missed: one stretch, from opening
+        the store until now."""
+        return (self._opened, time.monotonic())
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())
