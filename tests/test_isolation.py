@@ -241,8 +241,9 @@ async def test_a_disconnect_on_another_replica_wins_over_credentials_being_minte
     template_url: str,
     broker_identity: Identity,
 ) -> None:
-    """The same across replicas: B's AssumeRole is under way when A's Disconnect commits; B
-    reads the store again after STS answers and hands nothing out."""
+    """The same across replicas: B's AssumeRoles (a call's, a new stream's) are under way when
+    A's Disconnect commits; B reads the store again after STS answers and hands nothing out,
+    and the stream ends."""
     settings = settings_for(postgres_url, local_aws, template_url)
     async with (
         start_broker(settings, broker_identity) as a,
@@ -254,9 +255,16 @@ async def test_a_disconnect_on_another_replica_wins_over_credentials_being_minte
         issuing = asyncio.ensure_future(
             b.stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="new"))
         )
+        stream = b.stub.WatchCredentials(
+            pb.WatchCredentialsRequest(tenant_id=tenant, run_id="watched")
+        )
+        watching = asyncio.ensure_future(stream.read())
         await asyncio.sleep(0.3)
         await a.stub.Disconnect(pb.DisconnectRequest(tenant_id=tenant))
+        acknowledged = time.monotonic()
         assert await code_of(issuing) == grpc.StatusCode.FAILED_PRECONDITION
+        assert await code_of(watching) == grpc.StatusCode.FAILED_PRECONDITION
+        assert time.monotonic() - acknowledged < 3
 
 
 async def test_concurrent_verifications_of_one_connection_one_wins_the_other_is_aborted(

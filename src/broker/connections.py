@@ -67,6 +67,8 @@ class Settings:
     session_duration: int
     policy_arns: Sequence[str]
     verify_wait: float
+    grant_max_staleness: float = 30.0
+    store_read_timeout: float = 0.2
 
 
 class Connections:
@@ -94,15 +96,15 @@ class Connections:
         self._on_suspended = on_suspended
         self._sleep = sleep
         self._clock = clock
-        # tenant → (its last ACTIVE grant read from the store, read at); set by `grant`,
-        # dropped by `forget` and by every change saved here.
+        # tenant → (its last ACTIVE grant read from the store, when that read began); set by
+        # `_read_now`, dropped by `forget` (every change saved here, every one heard of).
         self._last_grants: dict[str, tuple[Grant, float]] = {}
-        # Bumped by `forget`: a read that began before a change does not store what it read.
-        self._forgotten = 0
         # tenant → how many times its connection changed here or was heard to change; bumped
-        # by `forget`. A caller that saw it move while fetching credentials reads the grant
-        # again before answering (`generation`).
+        # by `forget`. A read that began before a change does not keep what it read, and a
+        # caller that saw it move while fetching credentials reads the grant again.
         self._generations: dict[str, int] = {}
+        # tenant → the store read under way for it (`_read`); dropped when done or forgotten.
+        self._reads: dict[str, asyncio.Task[Connection | None]] = {}
 
     async def get(self, tenant_id: str) -> Connection:
         connection = await self._store.get(tenant_id)
@@ -113,66 +115,158 @@ class Connections:
     async def grant(self, tenant_id: str, run_id: str) -> Grant:
         """What `run_id` may be issued now. NotFound / NotActive when nothing may be issued.
         A grant read less than GRANT_FRESH_SECONDS ago is not read again (the hot path makes no
-        store round trip). While the store cannot be reached, the tenant's last grant read here
-        stands in (nobody can disconnect meanwhile: that needs the store too)."""
+        store round trip), and a read waits at most `store_read_timeout`. While the store cannot
+        be read, the tenant's last grant read here stands in, whatever its age: it lets cached
+        credentials be served again. Minting new ones under it is bounded by the staleness
+        rule (`ensure_fresh`, `confirm`)."""
         known = self._last_grants.get(tenant_id)
         if known is not None and self._clock() - known[1] < GRANT_FRESH_SECONDS:
             return known[0].for_run(run_id)
-        forgotten = self._forgotten
         try:
-            connection = await self.get(tenant_id)
+            connection = await self._read(tenant_id)
         except StoreUnavailable:
+            known = self._last_grants.get(tenant_id)  # forgotten meanwhile: nothing stands in
             if known is None:
                 raise
             return known[0].for_run(run_id)
+        return self._active(tenant_id, connection).for_run(run_id)
+
+    def _active(self, tenant_id: str, connection: Connection | None) -> Grant:
+        """The grant of `connection` (read for `tenant_id`); NotFound / NotActive if none."""
+        if connection is None:
+            raise NotFound(f"no connection for tenant {tenant_id!r}; CreateConnection starts one")
         if connection.status is not Status.ACTIVE:
-            self._last_grants.pop(tenant_id, None)
             raise NotActive(
                 f"the connection of tenant {tenant_id!r} is {connection.status.value}, not ACTIVE: "
                 + guidance(connection, self.settings.session_duration),
                 subject=tenant_id,
             )
-        grant = Grant(
-            tenant_id, run_id, connection.role_arn, connection.external_id, connection.region
-        )
-        if forgotten == self._forgotten:
-            self._last_grants[tenant_id] = (grant, self._clock())
-        return grant
+        return Grant(tenant_id, "", connection.role_arn, connection.external_id, connection.region)
+
+    async def _read(self, tenant_id: str) -> Connection | None:
+        """The tenant's connection from the store, waited for at most `store_read_timeout`
+        (then StoreUnavailable: a hung store makes callers fall back, not wait). One read per
+        tenant at a time; one that outlives its callers finishes, and what it read is kept
+        unless the tenant changed meanwhile."""
+        task = self._reads.get(tenant_id)
+        if task is None:
+            task = asyncio.create_task(self._read_now(tenant_id), name=f"read:{tenant_id}")
+            self._reads[tenant_id] = task
+            task.add_done_callback(lambda done: self._read_done(tenant_id, done))
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(task), timeout=self.settings.store_read_timeout
+            )
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"the store did not answer within {self.settings.store_read_timeout:g} s"
+            ) from None
+
+    async def _read_now(self, tenant_id: str) -> Connection | None:
+        generation, started = self.generation(tenant_id), self._clock()
+        connection = await self._store.get(tenant_id)
+        if self.generation(tenant_id) == generation:
+            if connection is not None and connection.status is Status.ACTIVE:
+                grant = self._active(tenant_id, connection)
+                self._last_grants[tenant_id] = (grant, started)
+            else:
+                self._last_grants.pop(tenant_id, None)
+        return connection
+
+    def _read_done(self, tenant_id: str, task: asyncio.Task[Connection | None]) -> None:
+        if self._reads.get(tenant_id) is task:
+            del self._reads[tenant_id]
+        if not task.cancelled():
+            task.exception()  # retrieved: its callers may all have stopped waiting
 
     def forget(self, tenant_id: str) -> None:
-        """Read the tenant's grant from the store next time (it changed, or may have)."""
-        self._forgotten += 1
+        """Read the tenant's grant from the store next time (it changed, or may have); a read
+        under way now belongs to the time before, so later callers do not join it."""
         self._generations[tenant_id] = self._generations.get(tenant_id, 0) + 1
         self._last_grants.pop(tenant_id, None)
+        self._reads.pop(tenant_id, None)
 
     def generation(self, tenant_id: str) -> int:
         """Changes to the tenant's connection made or heard here so far: credentials fetched
         while it moved may belong to a grant that no longer stands."""
         return self._generations.get(tenant_id, 0)
 
-    async def confirm(self, grant: Grant, generation: int) -> None:
-        """After a new STS session was minted for `grant`: NotActive unless the store still
-        holds the tenant ACTIVE on the same role and external ID, so no session minted under a
-        grant that a committed change ended (on any replica) is handed out. While the store
-        cannot be reached, what this replica has heard stands in (`generation`)."""
-        try:
-            connection = await self.get(grant.tenant_id)
-        except StoreUnavailable:
-            if self.generation(grant.tenant_id) == generation:
-                return
-            connection = None
+    def staleness(self, tenant_id: str) -> float | None:
+        """Seconds since the store last confirmed the tenant's ACTIVE grant to this replica:
+        by a read, or by the change-notification channel staying unbroken since that read
+        (any change would have been heard). None when no grant is known."""
+        known = self._last_grants.get(tenant_id)
+        if known is None:
+            return None
+        confirmed = known[1]
+        channel = self._store.channel_alive()
+        if channel is not None and channel[0] <= confirmed:
+            confirmed = max(confirmed, channel[1])
+        return max(self._clock() - confirmed, 0.0)
+
+    async def ensure_fresh(self, grant: Grant) -> None:
+        """Before a new STS session is minted for `grant`: the bounded-staleness rule. The
+        tenant's grant must be `grant` as confirmed within `grant_max_staleness`, else it is
+        read now; StoreUnavailable when it cannot be, NotActive when it changed."""
+        known = self._last_grants.get(grant.tenant_id)
+        staleness = self.staleness(grant.tenant_id)
         if (
-            connection is not None
-            and connection.status is Status.ACTIVE
-            and (connection.role_arn, connection.external_id) == (grant.role_arn, grant.external_id)
+            known is not None
+            and _same_role(known[0], grant)
+            and staleness is not None
+            and staleness <= self.settings.grant_max_staleness
         ):
             return
-        self.forget(grant.tenant_id)
-        raise NotActive(
-            f"the connection of tenant {grant.tenant_id!r} changed while credentials were being "
-            "issued; none are handed out: "
-            + (guidance(connection, self.settings.session_duration) if connection else "retry"),
-            subject=grant.tenant_id,
+        try:
+            connection = await self._read(grant.tenant_id)
+        except StoreUnavailable as exc:
+            raise self._unconfirmed(grant.tenant_id, staleness) from exc
+        self._still(grant, connection)
+
+    async def confirm(self, grant: Grant, generation: int) -> None:
+        """After a new STS session was minted for `grant`: the store is read again, so no
+        session minted under a grant that a committed change ended (on any replica) is handed
+        out (NotActive). If the store cannot be read, the session is handed out only if
+        nothing was heard to change (`generation`) and the grant is within the staleness
+        bound."""
+        try:
+            connection = await self._read(grant.tenant_id)
+        except StoreUnavailable as exc:
+            staleness = self.staleness(grant.tenant_id)
+            if (
+                self.generation(grant.tenant_id) != generation
+                or staleness is None
+                or staleness > self.settings.grant_max_staleness
+            ):
+                raise self._unconfirmed(grant.tenant_id, staleness) from exc
+            return
+        self._still(grant, connection)
+
+    def _still(self, grant: Grant, connection: Connection | None) -> None:
+        """NotActive (or NotFound) unless `connection` is ACTIVE on `grant`'s role and ID."""
+        try:
+            current = self._active(grant.tenant_id, connection)
+        except NotActive as exc:
+            raise NotActive(
+                f"the connection of tenant {grant.tenant_id!r} changed while credentials were "
+                f"being issued; none are handed out: {exc}",
+                subject=grant.tenant_id,
+            ) from None
+        if not _same_role(current, grant):
+            self.forget(grant.tenant_id)
+            raise NotActive(
+                f"the role of tenant {grant.tenant_id!r} changed while credentials were being "
+                "issued; none are handed out: retry",
+                subject=grant.tenant_id,
+            )
+
+    def _unconfirmed(self, tenant_id: str, staleness: float | None) -> StoreUnavailable:
+        when = "never" if staleness is None else f"{staleness:.0f} s ago"
+        return StoreUnavailable(
+            f"the store cannot be reached, and this replica last confirmed the connection of "
+            f"tenant {tenant_id!r} {when} (BROKER_GRANT_MAX_STALENESS is "
+            f"{self.settings.grant_max_staleness:g} s): no new credentials are minted until it "
+            "can be read; retry (another replica may answer)"
         )
 
     async def _save(
@@ -498,6 +592,10 @@ class Connections:
             tenant_id=connection.tenant_id,
             external_id=connection.external_id,
         )
+
+
+def _same_role(known: Grant, grant: Grant) -> bool:
+    return (known.role_arn, known.external_id) == (grant.role_arn, grant.external_id)
 
 
 def role_in_use(role_arn: str) -> Check:

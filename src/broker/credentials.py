@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from broker import audit
@@ -73,26 +73,31 @@ class StsSource:
         return credentials
 
 
-class ConfirmedSource:
-    """Wraps a source: a session it mints is handed out only once `confirm(grant, generation)`
-    (Connections.confirm) says the grant still stands, read after AssumeRole returned, so a
-    Disconnect or role change committed while STS was answering wins. `generation` is the
-    tenant's, as it was when the call began."""
+class GrantKeeper(Protocol):
+    """What ConfirmedSource asks of the connection lifecycle (Connections)."""
 
-    def __init__(
-        self,
-        source: CredentialSource,
-        generation: Callable[[str], int],
-        confirm: Callable[[Grant, int], Awaitable[None]],
-    ) -> None:
+    def generation(self, tenant_id: str) -> int: ...
+
+    async def ensure_fresh(self, grant: Grant) -> None: ...
+
+    async def confirm(self, grant: Grant, generation: int) -> None: ...
+
+
+class ConfirmedSource:
+    """Wraps a source so that every session it mints stands on a confirmed grant: before
+    AssumeRole, the grant must have been confirmed by the store within the staleness bound
+    (`ensure_fresh`); after it, the store is read again (`confirm`), so a Disconnect or role
+    change committed while STS was answering wins, on any replica."""
+
+    def __init__(self, source: CredentialSource, keeper: GrantKeeper) -> None:
         self._source = source
-        self._generation = generation
-        self._confirm = confirm
+        self._keeper = keeper
 
     async def get(self, grant: Grant) -> Credentials:
-        generation = self._generation(grant.tenant_id)
+        generation = self._keeper.generation(grant.tenant_id)
+        await self._keeper.ensure_fresh(grant)
         credentials = await self._source.get(grant)
-        await self._confirm(grant, generation)
+        await self._keeper.confirm(grant, generation)
         return credentials
 
 

@@ -163,6 +163,8 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
             session_duration=settings.session_duration,
             policy_arns=settings.session_policy_arns,
             verify_wait=settings.verify_wait,
+            grant_max_staleness=settings.grant_max_staleness,
+            store_read_timeout=settings.store_read_timeout,
         ),
         on_role_changed=role_changed,
         on_disconnected=disconnected,
@@ -172,7 +174,7 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
         aws, duration=settings.session_duration, policy_arns=settings.session_policy_arns
     )
     cache = CredentialCache(
-        ConfirmedSource(sts, connections.generation, connections.confirm),
+        ConfirmedSource(sts, connections),
         refresh_margin=settings.refresh_margin,
         max_entries=settings.cache_max_entries,
     )
