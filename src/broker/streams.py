@@ -105,6 +105,10 @@ class StreamHub:
     def tenants(self) -> list[str]:
         return list({key[0] for key in self._streams})
 
+    def watching(self, tenant_id: str) -> bool:
+        """Whether any stream of the tenant is open."""
+        return any(key[0] == tenant_id for key in self._streams)
+
     def grants_of(self, tenant_id: str) -> list[Grant]:
         return [s.grant for s in self._matching(tenant_id) if s.grant is not None]
 

@@ -94,7 +94,10 @@ class TenantSync:
             else None
         )
         held = self._cache.grants_of(tenant_id) + self._hub.grants_of(tenant_id)
-        if any(_issued_under(grant) != current for grant in held):
+        # Not ACTIVE: every stream of the tenant is woken, those whose first credentials are
+        # still on their way too (they hold no grant yet); woken, each reads its grant again.
+        stale = current is None and self._hub.watching(tenant_id)
+        if stale or any(_issued_under(grant) != current for grant in held):
             log.info(
                 "tenant changed elsewhere; dropping its credentials", extra={"tenant": tenant_id}
             )
