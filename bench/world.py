@@ -72,6 +72,7 @@ class World:
             "BROKER_METRICS_LISTEN": "127.0.0.1:0",
             "BROKER_LOG_FORMAT": "json",
             "BROKER_VERIFY_WAIT": "1",
+            "BROKER_DRAIN_SECONDS": "0",
             "AWS_ACCESS_KEY_ID": self.identity.access_key_id,
             "AWS_SECRET_ACCESS_KEY": self.identity.secret_access_key,
         }

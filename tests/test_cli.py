@@ -230,6 +230,7 @@ def test_serve_runs_on_the_event_loop_set(tmp_path: Path, setting: str | None, l
         "BROKER_TEMPLATE_URL": "https://x",
         "BROKER_TRUSTED_PRINCIPAL_ARN": "arn:aws:iam::111111111111:role/broker",
         "BROKER_DATABASE_URL": f"sqlite:///{tmp_path / 'uv.db'}",
+        "BROKER_DRAIN_SECONDS": "0",
     }
     broker = BrokerProcess(["serve"], env, tmp_path / "serve.log")
     try:

@@ -18,6 +18,7 @@ from tests.processes import BIN
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
 SETTINGS = {f"BROKER_{name.upper()}" for name in Settings.model_fields}
+CLOSE_SECONDS = 5  # after the grace: background tasks, the store, the AWS client
 
 
 def documents() -> list[dict[str, Any]]:
@@ -58,6 +59,29 @@ def test_deployment_is_available_and_locked_down() -> None:
     assert "secretKeyRef" in env["BROKER_DATABASE_URL"]["valueFrom"], "the URL holds a password"
     assert env["BROKER_TLS_CLIENT_CA_FILE"]["value"], "callers are authenticated (mTLS)"
     assert int(env["BROKER_SESSION_DURATION"]["value"]) <= 3600, "role chaining caps at 1 h"
+
+
+def test_the_shutdown_fits_in_the_termination_grace_period() -> None:
+    """On deletion the kubelet runs preStop, then sends SIGTERM: health NOT_SERVING, every call
+    served for BROKER_DRAIN_SECONDS, then calls in flight get BROKER_SHUTDOWN_GRACE, then the
+    broker closes. SIGKILL comes terminationGracePeriodSeconds after the deletion, preStop
+    included: all of it must fit, with room to close the store and the AWS client."""
+    pod = kind("Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+
+    def setting(name: str) -> float:
+        value = env.get(f"BROKER_{name.upper()}")
+        return float(value if value is not None else Settings.model_fields[name].default)
+
+    drain, grace = setting("drain_seconds"), setting("shutdown_grace")
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]  # no shell needed
+    readiness = container["readinessProbe"]
+    # NOT_SERVING is seen by the readiness probe (failureThreshold probes, periodSeconds apart)
+    # before the server stops accepting.
+    assert drain >= readiness["periodSeconds"] * readiness["failureThreshold"]
+    assert pre_stop >= 1, "endpoints drop the pod before SIGTERM"
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + grace + CLOSE_SECONDS
 
 
 def test_disruption_budget_keeps_replicas_serving() -> None:

@@ -299,6 +299,7 @@ def serve_env(faulty: dict[str, Any], identity: Identity) -> dict[str, str]:
             "AWS_ACCESS_KEY_ID": identity.access_key_id,
             "AWS_SECRET_ACCESS_KEY": identity.secret_access_key,
             "BROKER_SHUTDOWN_GRACE": "5",
+            "BROKER_DRAIN_SECONDS": "0",
         }
     )
 

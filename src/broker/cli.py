@@ -31,6 +31,7 @@ DEV_BANNER = """\
  connections database:               {database}
  broker's identity (emulated):       {principal}
  metrics (Prometheus):               {metrics}
+ drain on Ctrl-C/SIGTERM:            {drain:g} s (BROKER_DRAIN_SECONDS; 0 unless set)
 
  Walk the flow with grpcurl (see README):
    grpcurl -plaintext -d '{{"tenant_id":"acme"}}' {listen} \\
@@ -211,6 +212,9 @@ def _dev(aws_port: int) -> None:
         overrides["database_url"] = f"sqlite:///{folder}/broker.db"
     # A newcomer reads the console: plain lines unless BROKER_LOG_FORMAT says otherwise.
     overrides.setdefault("log_format", os.environ.get("BROKER_LOG_FORMAT", "text"))
+    if "BROKER_DRAIN_SECONDS" not in os.environ:
+        # One local process and no load balancer to move callers away: Ctrl-C stops it now.
+        overrides["drain_seconds"] = 0
     settings = load_settings(**overrides)
     logs.configure(settings.log_level, settings.log_format)
 
@@ -222,6 +226,7 @@ def _dev(aws_port: int) -> None:
                 listen=f"{host}:{broker.port}",
                 database=settings.database_url,
                 principal=identity.arn,
+                drain=settings.drain_seconds,
                 metrics=f"http://{host}:{broker.metrics_port}/metrics"
                 if broker.metrics_port
                 else "off",

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -38,6 +38,7 @@ SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["CredentialBroker"].full_n
 SWEEP_INTERVAL = 60.0
 SCRAPE_STORE_TIMEOUT = 1.0
 MAX_MESSAGE_BYTES = 64 * 1024  # requests are a few hundred bytes; anything larger is not ours
+STREAMS_ENDED_EVERY = 0.05  # seconds, while the server stops: see Broker._drain
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -75,19 +76,42 @@ class Broker:
         return None if self.metrics_server is None else self.metrics_server.server_port
 
     _stopping: asyncio.Task[None] | None = None
+    # Set by `end_drain` (a second signal): the drain stops waiting, the grace is kept.
+    _drain_cut: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, end streams with UNAVAILABLE, let unary calls finish, close.
-        Calling it again waits for the first call's drain."""
+    async def stop(self, grace: float | None = None, *, drain: float = 0.0) -> None:
+        """Shut down: health NOT_SERVING (on the gRPC port and BROKER_HEALTH_LISTEN); serve
+        every RPC as before for `drain` seconds, so probes and load balancers move callers away
+        first (`serve` passes BROKER_DRAIN_SECONDS on a signal; the default is no drain); then
+        stop accepting, end streams with UNAVAILABLE, give calls in flight `grace` seconds
+        (BROKER_SHUTDOWN_GRACE by default), and close. Calling it again waits for the first
+        call's shutdown."""
         if self._stopping is None:
             grace = self.settings.shutdown_grace if grace is None else grace
-            self._stopping = asyncio.create_task(self._drain(grace))
+            self._stopping = asyncio.create_task(self._drain(grace, drain))
         await asyncio.shield(self._stopping)
 
-    async def _drain(self, grace: float) -> None:
+    def end_drain(self) -> None:
+        """Stop accepting now rather than at the drain's end (an operator's second Ctrl-C);
+        calls in flight still get their grace."""
+        self._drain_cut.set()
+
+    async def _drain(self, grace: float, drain: float) -> None:
         await self.health.enter_graceful_shutdown()
-        self.hub.end_all(ShuttingDown("the broker is shutting down; reconnect to another replica"))
-        await self.server.stop(grace)
+        if drain > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drain_cut.wait(), drain)
+        log.info("stopped accepting calls", extra={"grace_s": grace})
+        # Stop accepting first: a stream ended before that could be opened again on this
+        # very connection. Then end streams until the server has stopped, so that a stream
+        # accepted just before subscribes, and is ended, rather than cancelled at the grace's end.
+        stopping = asyncio.create_task(self.server.stop(grace))
+        await asyncio.sleep(0)  # its first step: core stops accepting and sends GOAWAY
+        ending = ShuttingDown("the broker is shutting down; reconnect to another replica")
+        while not stopping.done():
+            self.hub.end_all(ending)
+            await asyncio.wait({stopping}, timeout=STREAMS_ENDED_EVERY)
+        await stopping
         if self.health_server is not None:
             await self.health_server.stop(0)
         if self.metrics_server is not None:
@@ -347,14 +371,25 @@ async def serve(
     static_credentials: tuple[str, str] | None = None,
     on_ready: Callable[[Broker], None] = lambda _: None,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
+    """Run until SIGTERM or SIGINT, then shut down with the drain (`Broker.stop`); a second
+    signal ends the drain at once, not the grace of calls in flight."""
     broker = await start(settings, static_credentials=static_credentials)
     on_ready(broker)
-    stopping = asyncio.Event()
+    signalled = asyncio.Event()
+
+    def on_signal() -> None:
+        if signalled.is_set():
+            log.info("second signal: ending the drain now")
+            broker.end_drain()
+        signalled.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    log.info("draining", extra={"grace_s": settings.shutdown_grace})
-    await broker.stop()
+        loop.add_signal_handler(sig, on_signal)
+    await signalled.wait()
+    log.info(
+        "draining",
+        extra={"drain_s": settings.drain_seconds, "grace_s": settings.shutdown_grace},
+    )
+    await broker.stop(drain=settings.drain_seconds)
     log.info("stopped")
