@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -14,17 +15,66 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message
 
 
 class FieldsFormatter(logging.Formatter):
-    """`time level logger message key=value …`, the fields taken from `extra=`."""
+    """`time level logger message key=value …`, the fields taken from `extra=`. One record is
+    one line: a character that is not printable (newline, CR, ESC, any other C0 or C1 control,
+    DEL, U+2028/2029, bidi controls) is written as its escape wherever it comes from, so no
+    value can start a line of its own or recolour the terminal. A traceback follows on lines
+    of its own, each indented, so none can pass for a record."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
         fields = " ".join(
             f"{key}={value!r}" if isinstance(value, str) and " " in value else f"{key}={value}"
             for key, value in vars(record).items()
             if key not in _STANDARD and not key.startswith("_")
         )
-        head, sep, rest = line.partition("\n")
-        return f"{head} {fields}{sep}{rest}" if fields else line
+        if fields:
+            line = f"{line} {fields}"
+        if not line.isprintable():  # one test of the whole line, which is nearly always printable
+            line = escape(line)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for more in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+            if more:
+                line += "".join(f"\n  {escape(part)}" for part in more.splitlines())
+        return line
+
+
+def escape(text: str) -> str:
+    """`text` with each character that is not printable written as its Python escape
+    (`\\n`, `\\x1b`, `\\u2028`, …); printable text, the common case, comes back as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+MAX_FIELD = 128  # characters of a caller's value that a log line shows, at most
+_ASCII_ESCAPES = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)} | {
+    ord("\\"): "\\\\",
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+
+
+def untrusted(fields: dict[str, object], key: str, value: str) -> None:
+    """Put `value`, which a caller sent and which is not in its validated form, into `fields`
+    at `key` with a fixed bound: at most MAX_FIELD characters of it, in printable ASCII
+    (anything else escaped), followed by its length (`<key>_chars`) and its `digest`
+    (`<key>_sha256`)."""
+    cut = value[:MAX_FIELD].translate(_ASCII_ESCAPES)
+    fields[key] = cut.encode("ascii", "backslashreplace").decode("ascii")[:MAX_FIELD]
+    fields[f"{key}_chars"] = len(value)
+    fields[f"{key}_sha256"] = digest(value)
+
+
+def digest(value: str) -> str:
+    """A short digest of a caller's value (12 hex digits of its SHA-256), to match it in a log
+    without showing it."""
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 # At DEBUG these log STS response bodies (secret keys) and signed requests (session tokens).
@@ -58,11 +108,14 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return _ENCODER.encode(entry)
+        line = _ENCODER.encode(entry)  # escapes every control character but DEL
+        return line.replace("\x7f", "\\u007f") if "\x7f" in line else line
 
 
 _OWN_ATTRIBUTES = len(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
-_ENCODER = json.JSONEncoder(default=str)  # json.dumps(default=…) would make one per line
+# json.dumps(default=…) would make one per line. ensure_ascii (the default) escapes all but
+# ASCII, U+2028/2029 included: JavaScript and some log viewers end a line there.
+_ENCODER = json.JSONEncoder(default=str)
 
 
 class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -131,7 +184,37 @@ def configure(level: str, fmt: str = "json") -> None:
 
 def protect_secrets() -> None:
     """Keep the AWS libraries' loggers at INFO or above, whatever the root level: their DEBUG
-    output carries credentials. The broker calls this at start-up."""
+    output carries credentials; and keep request metadata out of gRPC's own log
+    (`GrpcMetadataFilter`). The broker calls this at start-up."""
     for name in CREDENTIAL_LEAKING_LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(max(logging.INFO, logger.getEffectiveLevel()))
+    logging.getLogger(GRPC_METADATA_LOGGER).addFilter(_GRPC_METADATA_FILTER)  # once: a no-op after
+
+
+# gRPC's Cython layer turns each request's metadata into text on this logger, and when a value
+# is not UTF-8 it logs the value whole, at ERROR, before any handler of ours sees the call:
+# "Invalid encoding on b'Bearer <token>…'", with the UnicodeDecodeError (which holds the value
+# again) attached.
+GRPC_METADATA_LOGGER = "grpc._cython.cygrpc"
+
+
+class GrpcMetadataFilter(logging.Filter):
+    """Lets gRPC's records through without the bytes they carry: each bytes argument becomes
+    its length, and an attached UnicodeError (it holds the bytes too) is dropped. Such bytes
+    are what a caller sent, such as a metadata value that did not decode: perhaps a token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(isinstance(a, bytes | bytearray) for a in args):
+            record.args = tuple(
+                f"<{len(a)} bytes, not logged>" if isinstance(a, bytes | bytearray) else a
+                for a in args
+            )
+        if record.exc_info and isinstance(record.exc_info[1], UnicodeError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_GRPC_METADATA_FILTER = GrpcMetadataFilter()

@@ -8,6 +8,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -20,7 +21,7 @@ from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from broker import validation
+from broker import logs, validation
 from broker.auth import CALLER, Guard
 from broker.cache import CredentialCache
 from broker.connections import Connections, guidance
@@ -115,8 +116,10 @@ class _Call:
     """Around every call: the caller is authenticated and authorised (`admit`); errors become
     status (`fail`, the one place that does); metrics and one log line with the caller and the
     request's ids only (`finish`). Requests hold no secret; the responses of IssueCredentials
-    and WatchCredentials do, so no message is ever logged whole. Plain methods, not a context
-    manager: this runs on every call (docs/benchmarks.md)."""
+    and WatchCredentials do, so no message is ever logged whole. What the caller sent is logged
+    as it is only in its validated form, else bounded and escaped (`logs.untrusted`): whatever
+    a caller sends, with a token or without, its line stays under 1 KiB. Plain methods, not a
+    context manager: this runs on every call (docs/benchmarks.md)."""
 
     __slots__ = ("code", "context", "fields", "method", "request", "started")
 
@@ -129,10 +132,15 @@ class _Call:
 
     def admit(self, guard: Guard) -> None:
         metadata = self.context.invocation_metadata()
-        self.fields["request_id"] = _request_id(metadata)
+        _request_id(metadata, self.fields)
         caller = guard.caller(self.context, metadata)
         CALLER.set(caller)
-        self.fields["caller"] = caller.identity
+        # A token's name is configured; a certificate's is only signed by our CA, which did not
+        # bound its length (a SPIFFE ID may have 2,048 characters).
+        if caller.method != "mtls" or _IDENTITY(caller.identity):
+            self.fields["caller"] = caller.identity
+        else:
+            logs.untrusted(self.fields, "caller", caller.identity)
         request = self.request
         if isinstance(request, Malformed):
             raise InvalidArgument("request", f"is not a valid {request.type_name} message")
@@ -149,17 +157,29 @@ class _Call:
         if not log_ok and self.code == "OK":
             return
         request = self.request
-        log.info(
-            "rpc",
-            extra={
-                "method": self.method,
-                "code": self.code,
-                "tenant": getattr(request, "tenant_id", ""),
-                "run": getattr(request, "run_id", ""),
-                "latency_ms": round(elapsed * 1000, 2),
-                **self.fields,
-            },
-        )
+        tenant = getattr(request, "tenant_id", "")
+        run = getattr(request, "run_id", "")
+        fields: dict[str, object] = {
+            "method": self.method,
+            "code": self.code,
+            "tenant": tenant,
+            "run": run,
+            "latency_ms": round(elapsed * 1000, 2),
+        }
+        if tenant and not _TENANT_ID(tenant):
+            logs.untrusted(fields, "tenant", tenant)
+        if run and not _RUN_ID(run):
+            logs.untrusted(fields, "run", run)
+        fields.update(self.fields)
+        log.info("rpc", extra=fields)
+
+
+# The forms a field is logged in as it is (one fullmatch each); anything else goes through
+# logs.untrusted. The request fields' forms are validation's own.
+_TENANT_ID = validation._FORMS["tenant_id"][0].fullmatch
+_RUN_ID = validation._FORMS["run_id"][0].fullmatch
+_IDENTITY = re.compile(r"[!-~]{1,128}", re.ASCII).fullmatch  # printable ASCII, no space
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}", re.ASCII).fullmatch
 
 
 # New request ids: this process's random prefix and a counter; unique across replicas and
@@ -168,12 +188,22 @@ _ID_PREFIX = secrets.token_hex(6)
 _ids = itertools.count(1)
 
 
-def _request_id(metadata: Any) -> str:
-    """The caller's x-request-id (to correlate with its logs), else a new one."""
+def _request_id(metadata: Any, fields: dict[str, object]) -> None:
+    """Set `request_id`: the caller's x-request-id (to correlate with its logs) when it has the
+    form _REQUEST_ID, else a new one. A rejected id is named only by its length and digest,
+    with `request_id_rejected`."""
     for key, value in metadata or ():
-        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 64:
-            return value.encode("ascii", "replace").decode()
-    return f"{_ID_PREFIX}-{next(_ids):x}"
+        if key == "x-request-id":
+            if isinstance(value, str) and _REQUEST_ID(value):
+                fields["request_id"] = value
+                return
+            fields["request_id"] = f"{_ID_PREFIX}-{next(_ids):x}"
+            fields["request_id_rejected"] = True
+            sent = value if isinstance(value, str) else repr(value)
+            fields["request_id_sent_chars"] = len(sent)
+            fields["request_id_sent_sha256"] = logs.digest(sent)
+            return
+    fields["request_id"] = f"{_ID_PREFIX}-{next(_ids):x}"
 
 
 class CallCap:
