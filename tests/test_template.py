@@ -18,7 +18,7 @@ from cfnlint.decode.cfn_yaml import loads
 
 from broker.connections import new_external_id
 from broker.emulator import CUSTOMER_ACCOUNT, TEMPLATE_BUCKET, LocalAws
-from broker.template import template_body
+from broker.template import stack_name, template_body
 from broker.v1 import broker_pb2 as pb
 from tests.conftest import Running
 from tests.processes import BIN
@@ -226,3 +226,77 @@ async def test_the_emulator_builds_the_stack_from_the_template_at_the_link(
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await running.stub.VerifyRole(pb.VerifyRoleRequest(tenant_id=tenant, role_arn=role_arn))
     assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# Tenant ids are 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or a digit.
+AWKWARD_TENANTS = ["a", "7", "acme", "1st-tenant", "a.b_c", "A_._-z", "x" * 64, "9" * 64, "a-" * 32]
+# Stack names as CloudFormation takes them; the role it makes is `<stack>-<logical id>-<12 or 13
+# random characters>`, and IAM role names are at most 64 characters.
+STACK_NAME = re.compile(r"[A-Za-z][-A-Za-z0-9]*")
+ROLE_NAME_AROUND = len("-BrokerReadOnlyRole-") + 13
+
+
+@pytest.mark.parametrize("tenant_id", AWKWARD_TENANTS)
+def test_stack_names_are_valid_for_any_tenant_and_leave_room_for_the_role_name(
+    tenant_id: str,
+) -> None:
+    for _ in range(50):
+        name = stack_name(tenant_id, new_external_id())
+        assert STACK_NAME.fullmatch(name), name
+        assert len(name) + ROLE_NAME_AROUND <= 64, name
+        assert name.startswith("credential-broker-"), "the platform role's policy matches it"
+        assert "--" not in name, name
+
+
+def test_each_connection_has_its_own_stack_name() -> None:
+    external_ids = [new_external_id() for _ in range(200)]
+    names = {stack_name("acme", external_id) for external_id in external_ids}
+    assert len(names) == len(external_ids), "a new external ID, a new stack name"
+    assert stack_name("acme", external_ids[0]) == stack_name("acme", external_ids[0])
+    assert stack_name("acme", external_ids[0]).startswith("credential-broker-acme-")
+
+
+def link_stack_name(url: str) -> str:
+    return parse_qs(urlsplit(url).fragment.partition("?")[2])["stackName"][0]
+
+
+async def test_reconnecting_without_deleting_the_old_stack_creates_a_new_one(
+    running: Running, local_aws: LocalAws, tenant: str
+) -> None:
+    """The customer disconnects, keeps the old stack, and connects again from the new link:
+    the console must not refuse the stack name (AlreadyExistsException)."""
+    stub = running.stub
+    first = (await stub.CreateConnection(pb.CreateConnectionRequest(tenant_id=tenant))).connection
+    assert first.stack_name == link_stack_name(first.quick_create_url)
+    assert first.stack_name in first.guidance
+    old_role = local_aws.create_customer_stack(first.quick_create_url)
+    await stub.VerifyRole(pb.VerifyRoleRequest(tenant_id=tenant, role_arn=old_role))
+    gone = (await stub.Disconnect(pb.DisconnectRequest(tenant_id=tenant))).connection
+    assert gone.stack_name == first.stack_name
+    assert f"delete the CloudFormation stack {first.stack_name}" in gone.guidance
+
+    second = (await stub.CreateConnection(pb.CreateConnectionRequest(tenant_id=tenant))).connection
+    assert second.external_id != first.external_id
+    assert second.stack_name == link_stack_name(second.quick_create_url) != first.stack_name
+    new_role = local_aws.create_customer_stack(second.quick_create_url)
+    stacks = local_aws.client("cloudformation", CUSTOMER_ACCOUNT).describe_stacks()["Stacks"]
+    assert {first.stack_name, second.stack_name} <= {s["StackName"] for s in stacks}
+    verified = await stub.VerifyRole(pb.VerifyRoleRequest(tenant_id=tenant, role_arn=new_role))
+    assert verified.connection.status == pb.CONNECTION_STATUS_ACTIVE
+    assert verified.connection.stack_name == second.stack_name
+
+
+@pytest.mark.parametrize("shape", ["9{}", "{}.x_y", "{}" + "_" * 40, "{}" + "z" * 64])
+async def test_awkward_tenant_ids_give_stacks_whose_roles_verify(
+    running: Running, local_aws: LocalAws, tenant: str, shape: str
+) -> None:
+    tenant_id = shape.format(tenant)[:64]
+    created = await running.stub.CreateConnection(pb.CreateConnectionRequest(tenant_id=tenant_id))
+    role_arn = local_aws.create_customer_stack(created.connection.quick_create_url)
+    role_name = role_arn.rpartition("/")[2]
+    assert role_name.startswith(created.connection.stack_name + "-")
+    assert len(role_name) <= 64
+    verified = await running.stub.VerifyRole(
+        pb.VerifyRoleRequest(tenant_id=tenant_id, role_arn=role_arn)
+    )
+    assert verified.connection.status == pb.CONNECTION_STATUS_ACTIVE

@@ -573,7 +573,8 @@ class Connections:
             return (
                 f"AWS denied sts:AssumeRole to {principal} with external ID "
                 f"{connection.external_id}. Check that the stack "
-                f"{stack_name(connection.tenant_id)} finished (CREATE_COMPLETE), that this is its "
+                f"{stack_name(connection.tenant_id, connection.external_id)} (from this "
+                "connection's quick-create link) finished (CREATE_COMPLETE), that this is its "
                 f"RoleArn output, and that the role's trust policy lets {principal} do "
                 "sts:AssumeRole, sts:TagSession and sts:SetSourceIdentity on the condition "
                 "sts:ExternalId equal to that external ID."
@@ -613,8 +614,9 @@ def guidance(connection: Connection, session_duration: int) -> str:
     """What the customer should do next, in words."""
     if connection.status is Status.PENDING:
         return (
-            "open quick_create_url signed in to the AWS account to connect, create the stack, "
-            "then call VerifyRole with the stack's RoleArn output."
+            "open quick_create_url signed in to the AWS account to connect, create the stack "
+            f"({stack_name(connection.tenant_id, connection.external_id)}), then call "
+            "VerifyRole with the stack's RoleArn output."
         )
     if connection.status is Status.ACTIVE:
         return "connected: credentials are issued for runs."
@@ -629,7 +631,8 @@ def guidance(connection: Connection, session_duration: int) -> str:
     target = f"the role {connection.role_arn}" if connection.role_arn else "the role"
     return (
         "no more credentials are issued and every stream has ended. To remove access completely, "
-        f"delete the CloudFormation stack {stack_name(connection.tenant_id)} ({target}). "
+        "delete the CloudFormation stack "
+        f"{stack_name(connection.tenant_id, connection.external_id)} ({target}). "
         f"Sessions already issued stay valid until they expire (at most {session_duration} s); "
         "to cut them off now, use 'Revoke active sessions' on the role in the IAM console."
     )

@@ -41,6 +41,7 @@ from broker.errors import (
 from broker.metrics import Metrics
 from broker.models import Check, Connection, Credentials, Grant, Status
 from broker.streams import StreamHub, watch
+from broker.template import stack_name
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc
 from broker.wire import Malformed
@@ -384,6 +385,7 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
             checks=_checks_pb(connection.checks),
             region=connection.region,
             guidance=guidance(connection, settings.session_duration),
+            stack_name=stack_name(connection.tenant_id, connection.external_id),
         )
 
     @unary

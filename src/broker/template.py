@@ -7,11 +7,18 @@ carries only the stack name and the connection's external ID.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from importlib import resources
 from urllib.parse import quote, urlencode
 
 STACK_NAME_PREFIX = "credential-broker-"
+# CloudFormation names the role `<stack name>-BrokerReadOnlyRole-<12 or 13 random characters>`
+# (the template gives it no RoleName), and IAM allows 64: stack names stay within 31, so the
+# whole stack name is in the role's name, uncut.
+STACK_NAME_MAX = 64 - len("-BrokerReadOnlyRole-") - 13
+# Hex digits of the external ID's SHA-256 that end the stack name (one connection's stack).
+STACK_SUFFIX_LENGTH = 6
 # Where the packaged template names the principal; `template_body` puts the ARN there.
 PRINCIPAL_PLACEHOLDER = "{{TrustedPrincipalArn}}"
 # An IAM role or user (with its path), in a partition the broker supports. Names and path
@@ -40,9 +47,17 @@ def template_body(trusted_principal_arn: str) -> str:
     return source.replace(PRINCIPAL_PLACEHOLDER, check_principal(trusted_principal_arn))
 
 
-def stack_name(tenant_id: str) -> str:
-    """A valid stack name ([A-Za-z][-A-Za-z0-9]*, ≤ 128) that tells the customer what it is."""
-    return (STACK_NAME_PREFIX + re.sub(r"[^A-Za-z0-9-]", "-", tenant_id))[:128]
+def stack_name(tenant_id: str, external_id: str) -> str:
+    """The name of one connection's stack: `credential-broker-<tenant, shortened>-<6 hex>`.
+
+    Valid for any tenant id (`[A-Za-z][-A-Za-z0-9]*`, at most STACK_NAME_MAX characters). The
+    suffix comes from the external ID, which is not secret and is new for every connection: a
+    customer who connects again without deleting the old stack gets a new name (CloudFormation
+    refuses an existing one), and nothing more is stored."""
+    suffix = hashlib.sha256(external_id.encode()).hexdigest()[:STACK_SUFFIX_LENGTH]
+    room = STACK_NAME_MAX - len(STACK_NAME_PREFIX) - len(suffix) - 1
+    tenant = re.sub(r"[^A-Za-z0-9]+", "-", tenant_id)[:room].strip("-")
+    return f"{STACK_NAME_PREFIX}{tenant}-{suffix}" if tenant else STACK_NAME_PREFIX + suffix
 
 
 def console_host(region: str) -> str:
@@ -58,7 +73,7 @@ def quick_create_url(*, template_url: str, region: str, tenant_id: str, external
     query = urlencode(
         {
             "templateURL": template_url,
-            "stackName": stack_name(tenant_id),
+            "stackName": stack_name(tenant_id, external_id),
             "param_ExternalId": external_id,
         },
         quote_via=quote,

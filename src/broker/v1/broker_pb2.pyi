@@ -111,6 +111,7 @@ class Connection(_message.Message):
     CHECKS_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
     GUIDANCE_FIELD_NUMBER: _builtins.int
+    STACK_NAME_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     status: Global___ConnectionStatus.ValueType
     external_id: _builtins.str
@@ -123,6 +124,11 @@ class Connection(_message.Message):
     """Console region of the quick-create link; also the region handed out with credentials."""
     guidance: _builtins.str
     """What to do next, in words for the customer (e.g. after Disconnect: delete the stack)."""
+    stack_name: _builtins.str
+    """The CloudFormation stack the quick-create link names: `credential-broker-<tenant,
+    shortened>-<6 hex from the external ID>`, so each connection (each external ID) has its own
+    and reconnecting never collides with a stack left from before. Not secret.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -148,10 +154,11 @@ class Connection(_message.Message):
         checks: _abc.Iterable[Global___Check] | None = ...,
         region: _builtins.str = ...,
         guidance: _builtins.str = ...,
+        stack_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "disconnected_at", b"disconnected_at", "verified_at", b"verified_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "checks", b"checks", "created_at", b"created_at", "disconnected_at", b"disconnected_at", "external_id", b"external_id", "guidance", b"guidance", "quick_create_url", b"quick_create_url", "region", b"region", "role_arn", b"role_arn", "status", b"status", "template_url", b"template_url", "tenant_id", b"tenant_id", "trusted_principal_arn", b"trusted_principal_arn", "verified_at", b"verified_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "checks", b"checks", "created_at", b"created_at", "disconnected_at", b"disconnected_at", "external_id", b"external_id", "guidance", b"guidance", "quick_create_url", b"quick_create_url", "region", b"region", "role_arn", b"role_arn", "stack_name", b"stack_name", "status", b"status", "template_url", b"template_url", "tenant_id", b"tenant_id", "trusted_principal_arn", b"trusted_principal_arn", "verified_at", b"verified_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
