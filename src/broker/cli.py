@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         "dev-stack", help="create a customer's stack in the local emulator from a quick-create link"
     )
     stack.add_argument("quick_create_url")
-    stack.add_argument("--aws-endpoint", default="http://127.0.0.1:5000")
+    stack.add_argument(
+        "--aws-endpoint",
+        help="the emulator's URL; default: the one the link's templateURL names, on loopback "
+        "(where `broker dev` published the template)",
+    )
     template = commands.add_parser(
         "template",
         help="print the customer's CloudFormation template, made for this deployment's principal",
@@ -248,8 +252,32 @@ def _dev(aws_port: int) -> None:
         aws.stop()
 
 
-def _dev_stack(quick_create_url: str, endpoint: str) -> None:
-    from broker.emulator import EmulatorClient
+def _dev_stack(quick_create_url: str, endpoint: str | None) -> None:
+    """Create the stack a quick-create link describes in the local emulator, as the customer's
+    console would, and print its RoleArn. The emulator is the one the link's templateURL names
+    when that is on loopback, unless `endpoint` is given. A failure is one line (exit 2)."""
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
-    role_arn = EmulatorClient(endpoint).create_customer_stack(quick_create_url)
+    from broker.emulator import EmulatorClient, endpoint_of
+
+    try:
+        published_in = endpoint_of(quick_create_url)  # ValueError: not a quick-create link
+    except ValueError as exc:
+        raise ConfigError(f"dev-stack: {exc}") from None
+    endpoint = endpoint or published_in
+    if endpoint is None:
+        raise ConfigError(
+            "dev-stack: the link's templateURL is not in a local emulator (http://127.0.0.1:"
+            "PORT/…, where `broker dev` publishes it): give --aws-endpoint"
+        )
+    try:
+        role_arn = EmulatorClient(endpoint).create_customer_stack(quick_create_url)
+    except EndpointConnectionError:
+        raise ConfigError(
+            f"dev-stack: nothing answers at {endpoint}: start `broker dev` (its banner names the "
+            "emulator), or give --aws-endpoint"
+        ) from None
+    except (BotoCoreError, ClientError, ValueError, RuntimeError) as exc:
+        said = " ".join(str(exc).split())  # one line
+        raise ConfigError(f"dev-stack: the emulator at {endpoint} made no stack: {said}") from None
     print(role_arn)

@@ -37,7 +37,7 @@ from moto.moto_server.werkzeug_app import (
 from moto.sts.models import sts_backends
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from broker.config import MAX_SESSION_DURATION
+from broker.config import MAX_SESSION_DURATION, is_loopback
 from broker.template import template_body
 from broker.trust import allows
 
@@ -271,11 +271,13 @@ class EmulatorClient:
         return f"{self.endpoint_url}/{TEMPLATE_BUCKET}/{TEMPLATE_KEY}"
 
     def fetch_template(self, template_url: str) -> str:
-        """The template published at `template_url` in the emulator's S3."""
-        prefix = self.endpoint_url + "/"
-        bucket, _, key = template_url.removeprefix(prefix).partition("/")
-        if not template_url.startswith(prefix) or not key:
-            raise ValueError(f"{template_url!r} is not an object in this emulator's S3")
+        """The template published at `template_url` in this emulator's S3: its path names the
+        bucket and the key (`publish_template` makes such URLs). Its host may name this
+        emulator by another address (`broker dev-stack --aws-endpoint`)."""
+        split = urlsplit(template_url)
+        bucket, _, key = split.path.removeprefix("/").partition("/")
+        if split.scheme not in ("http", "https") or not bucket or not key:
+            raise ValueError(f"{template_url!r} is not an object in an emulator's S3")
         obj = self.client("s3").get_object(Bucket=bucket, Key=key)
         return str(obj["Body"].read().decode("utf-8"))
 
@@ -284,7 +286,7 @@ class EmulatorClient:
         its templateURL, fill the parameters the template declares from the link's param_
         values (others are ignored; each value must meet its parameter's constraints), and
         create the stack in the customer's account. Returns the RoleArn output."""
-        query = parse_qs(urlsplit(quick_create_url).fragment.partition("?")[2])
+        query = parse_qs(link_query(quick_create_url))
         body = self.fetch_template(query["templateURL"][0])
         parameters = []
         for name, declared in _declared_parameters(body).items():
@@ -306,6 +308,31 @@ class EmulatorClient:
             raise RuntimeError(f"stack {stack_name} is {stack['StackStatus']}")
         outputs = {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}
         return str(outputs["RoleArn"])
+
+
+def link_query(quick_create_url: str) -> str:
+    """The query of a CloudFormation quick-create link (`…#/stacks/quickcreate?…`, naming at
+    least templateURL and stackName); ValueError for anything else."""
+    route, _, query = urlsplit(quick_create_url).fragment.partition("?")
+    names = parse_qs(query)
+    if not route.endswith("/stacks/quickcreate") or not {"templateURL", "stackName"} <= set(names):
+        raise ValueError(
+            "not a quick-create link (https://…/cloudformation/home?region=…#/stacks/quickcreate?"
+            "templateURL=…&stackName=…): give CreateConnection's quick_create_url"
+        )
+    return query
+
+
+def endpoint_of(quick_create_url: str) -> str | None:
+    """The emulator a quick-create link's template is published in (as `broker dev` and the
+    tests publish it, `http://<loopback>:<port>/<bucket>/<key>`): its `http://host:port`; None
+    when the template is anywhere else (real S3, another machine)."""
+    template_url = parse_qs(link_query(quick_create_url))["templateURL"][0]
+    split = urlsplit(template_url)
+    host = split.hostname
+    if split.scheme != "http" or not host or not is_loopback(host):
+        return None
+    return f"http://{f'[{host}]' if ':' in host else host}:{split.port or 80}"
 
 
 def _declared_parameters(template: str) -> dict[str, dict[str, Any]]:
