@@ -1,23 +1,38 @@
 """A bearer token (and the credentials answered) never cross the network in plaintext: without
 TLS, `BrokerClient` and `broker sandbox-endpoint` reach only loopback or a unix socket, for every
 form a gRPC target can take. Refusals happen before any channel exists; allowed forms reach a
-real broker."""
+real broker. And the client's failures are typed: a launcher tells a released run from a tenant
+that is not (or no longer) connected, unknown, or a broker that cannot be reached."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import subprocess
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from broker.client import BrokerClient, ClientTls, PlaintextRefused
+from broker.client import (
+    BrokerClient,
+    BrokerUnavailable,
+    ClientTls,
+    InvalidRequest,
+    PlaintextRefused,
+    TenantDisconnected,
+    TenantNotActive,
+    TenantNotFound,
+)
 from broker.emulator import Identity, LocalAws
+from broker.v1 import broker_pb2 as pb
 from tests.certs import Authority
-from tests.conftest import settings_for, start_broker
+from tests.conftest import connect, settings_for, start_broker
 from tests.processes import BIN
 
 TOKEN = "tok-" + "s3cr3t" * 6  # recognisable, so a test can look for it in any output
@@ -178,3 +193,86 @@ def test_sandbox_endpoint_says_when_the_token_file_cannot_be_read(tmp_path: Path
     assert done.returncode == 2
     (line,) = done.stderr.splitlines()
     assert line.startswith("broker: --token-file: cannot read it")
+
+
+async def test_the_watch_tells_a_release_from_every_refusal(
+    local_aws: LocalAws, broker_identity: Identity, template_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(f"sqlite:///{tmp_path / 'b.db'}", local_aws, template_url)
+    async with start_broker(settings, broker_identity) as running:
+        await running.stub.CreateConnection(pb.CreateConnectionRequest(tenant_id="pending"))
+        await connect(running, local_aws, "acme")
+        async with BrokerClient(running.address, connect_timeout=5) as client:
+            refusals = {
+                ("pending", "r"): TenantNotActive,
+                ("nobody", "r"): TenantNotFound,
+                ("not a tenant", "r"): InvalidRequest,
+            }
+            for (tenant, run), kind in refusals.items():
+                with pytest.raises(kind) as refused:
+                    await anext(client.watch_credentials(tenant, run))
+                assert type(refused.value) is kind
+                assert "\n" not in str(refused.value)
+            with pytest.raises(TenantNotActive, match="is PENDING, not ACTIVE"):
+                await client.issue_credentials("pending", "r")
+
+            released = client.watch_credentials("acme", "released")
+            await anext(released)
+            await client.release_credentials("acme", "released")
+            with pytest.raises(StopAsyncIteration):
+                await asyncio.wait_for(anext(released), timeout=10)
+
+            cut_off = client.watch_credentials("acme", "cut-off")
+            await anext(cut_off)
+            await client.disconnect("acme")
+            with pytest.raises(TenantDisconnected, match="tenant 'acme' was disconnected"):
+                await asyncio.wait_for(anext(cut_off), timeout=10)
+            with pytest.raises(TenantNotActive, match="is DISCONNECTED, not ACTIVE") as after:
+                await anext(client.watch_credentials("acme", "later"))
+            assert type(after.value) is TenantNotActive
+
+
+async def test_an_unreachable_broker_is_given_up_on_after_the_connect_budget() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with BrokerClient(f"127.0.0.1:{port}", connect_timeout=1) as client:
+        for call in (
+            lambda: anext(client.watch_credentials("acme", "r")),
+            lambda: client.issue_credentials("acme", "r"),
+        ):
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailable, match="Connection refused"):
+                await call()
+            assert 1 <= time.monotonic() - started < 3
+
+
+async def test_a_watch_holding_valid_credentials_waits_for_the_broker_until_they_expire(
+    local_aws: LocalAws, broker_identity: Identity, template_url: str, tmp_path: Path, tenant: str
+) -> None:
+    """The budget counts only while the sandbox has nothing valid: a broker gone for longer than
+    it is waited for while the credentials last, and given up on once they have expired."""
+    settings = settings_for(f"sqlite:///{tmp_path / 'b.db'}", local_aws, template_url)
+    async with start_broker(settings, broker_identity) as running:
+        await connect(running, local_aws, tenant)
+        local_aws.sts.session_lifetime = 4
+        client = BrokerClient(running.address, connect_timeout=1, reconnect_backoff=(0.05, 0.2))
+        watch = client.watch_credentials(tenant, "r")
+        held = await anext(watch)
+        await running.broker.stop(grace=0)
+        stopped = time.monotonic()
+    assert (held.expiration - datetime.now(UTC)).total_seconds() > 1.5, "outlives the budget"
+    renewals = [held]  # renewals sent before the stop may still arrive; then nothing more
+
+    async def follow() -> None:
+        async for renewed in watch:
+            renewals.append(renewed)
+
+    with pytest.raises(BrokerUnavailable):
+        await asyncio.wait_for(follow(), timeout=15)
+    gave_up = datetime.now(UTC)
+    waited = time.monotonic() - stopped
+    await client.close()
+    assert waited > 1.5, "not given up after the 1 s budget while credentials were valid"
+    assert renewals[-1].expiration <= gave_up, "given up only once they expired"
+    assert (gave_up - renewals[-1].expiration).total_seconds() < 2.5, "and soon after"

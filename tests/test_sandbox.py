@@ -1,34 +1,46 @@
-"""Credentials that never expire mid-run: a real boto3 program in a subprocess keeps calling AWS
-(the emulator) through `broker sandbox-endpoint` across several renewals, without a restart or
-an error; and the other delivery formats, as real SDKs read them."""
+"""Credentials that never expire mid-run, in a sandbox that has nothing else: a real boto3
+program (and the AWS CLI) in a subprocess whose environment holds only what `broker
+sandbox-endpoint` printed, eval'd by a shell (or only the config file `broker config-profile`
+wrote), keeps calling AWS (the emulator) across several renewals without a restart or an error;
+and the other delivery formats, as real SDKs read them."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from broker.auth import hash_token, new_token
 from broker.client import BrokerClient
 from broker.delivery import RunCredentials
 from broker.emulator import Identity, LocalAws
 from broker.v1 import broker_pb2 as pb
-from tests.conftest import connect, settings_for, start_broker
+from tests.conftest import Running, connect, settings_for, start_broker
 from tests.processes import BIN
 
 LIFETIME = 4.0  # seconds each credential lives here, so the program sees several renewals
+REGION = "eu-west-2"  # the tenant's, not the broker's default: the sandbox learns it from us
+BASH = shutil.which("bash") or "/bin/bash"
+# Runs "$@" with exactly the variables in the file "$0" added: what a launcher does with
+# `set -a; eval "$(broker sandbox-endpoint ...)"`.
+EVAL_THEN_RUN = 'set -a; eval "$(< "$0")"; set +a; exec "$@"'
 PROGRAM = """
-import json, sys, time
+import json, os, sys, time
 import boto3
-session = boto3.Session(region_name="us-east-1")
+session = boto3.Session()
 sts = session.client("sts")
 calls, errors, keys, arns = 0, [], [], set()
 end = time.monotonic() + float(sys.argv[1])
@@ -42,8 +54,17 @@ while time.monotonic() < end:
         errors.append(repr(error))
     calls += 1
     time.sleep(0.2)
-print(json.dumps({"calls": calls, "errors": errors, "keys": keys, "arns": sorted(arns)}))
+print(json.dumps({
+    "calls": calls, "errors": errors, "keys": keys, "arns": sorted(arns),
+    "region": session.region_name, "method": session.get_credentials().method,
+    "aws_variables": sorted(name for name in os.environ if name.startswith("AWS_")),
+}))
 """
+
+
+def python(*args: str) -> list[str]:
+    """The command that runs PROGRAM (this Python by its path: the sandbox's PATH is empty)."""
+    return [sys.executable, "-c", PROGRAM, *args]
 
 
 def sdk_env(**extra: str) -> dict[str, str]:
@@ -52,12 +73,60 @@ def sdk_env(**extra: str) -> dict[str, str]:
     return env | {"AWS_EC2_METADATA_DISABLED": "true", **extra}
 
 
+def bare_env(tmp_path: Path, local_aws: LocalAws) -> dict[str, str]:
+    """A sandbox's whole environment, built from nothing: PATH and HOME of empty folders, and
+    the emulator's STS endpoint (test plumbing: real AWS needs no such variable)."""
+    home, path = tmp_path / "sandbox-home", tmp_path / "sandbox-bin"
+    home.mkdir(exist_ok=True)
+    path.mkdir(exist_ok=True)
+    return {"PATH": str(path), "HOME": str(home), "AWS_ENDPOINT_URL_STS": local_aws.endpoint_url}
+
+
+async def connect_in(running: Running, local_aws: LocalAws, tenant: str, region: str) -> str:
+    """`connect`, with the connection in `region`; returns the role's assumed-role ARN prefix."""
+    await running.stub.CreateConnection(pb.CreateConnectionRequest(tenant_id=tenant, region=region))
+    connection = await connect(running, local_aws, tenant)
+    assert connection.region == region
+    role_name = connection.role_arn.rsplit("/", 1)[1]
+    return f"arn:aws:sts::{connection.account_id}:assumed-role/{role_name}"
+
+
+@contextlib.asynccontextmanager
+async def running_process(
+    process: asyncio.subprocess.Process,
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`process`, killed if it is still running when the block ends (a failed test)."""
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def run(
+    argv: Sequence[str], env: dict[str, str], cwd: Path | None = None, within: float = 60
+) -> tuple[int, str, str]:
+    """Run `argv` to its end (the broker under test keeps serving meanwhile)."""
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+    )
+    async with running_process(process):
+        out, err = await asyncio.wait_for(process.communicate(), timeout=within)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
 async def test_a_long_running_program_renews_through_the_endpoint(
     local_aws: LocalAws, tenant: str, template_url: str, broker_identity: Identity, tmp_path: Path
 ) -> None:
     settings = settings_for(f"sqlite:///{tmp_path / 'b.db'}", local_aws, template_url)
     async with start_broker(settings | {"refresh_margin": 60}, broker_identity) as running:
-        connection = await connect(running, local_aws, tenant)
+        assumed_role = await connect_in(running, local_aws, tenant, REGION)
         local_aws.sts.session_lifetime = LIFETIME
         endpoint = await asyncio.create_subprocess_exec(
             str(BIN / "broker"),
@@ -69,55 +138,155 @@ async def test_a_long_running_program_renews_through_the_endpoint(
             "--run",
             "long-run",
             stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        assert endpoint.stdout is not None
-        variables = {}
-        for _ in range(2):
-            line = (await asyncio.wait_for(endpoint.stdout.readline(), timeout=20)).decode()
-            name, _, value = line.strip().partition("=")
-            variables[name] = value
-        assert set(variables) == {
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-            "AWS_CONTAINER_AUTHORIZATION_TOKEN",
-        }
-        url = variables["AWS_CONTAINER_CREDENTIALS_FULL_URI"]
-        assert url.startswith("http://127.0.0.1:")
-        for wrong in ("", "not-the-token"):
-            with pytest.raises(urllib.error.HTTPError) as refused:
-                await asyncio.to_thread(
-                    urllib.request.urlopen,
-                    urllib.request.Request(url, headers={"Authorization": wrong}),
-                    None,
-                    5,
-                )
-            assert refused.value.code == 401
-            refused.value.close()
-
-        program = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            PROGRAM,
-            str(LIFETIME * 3),
-            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=sdk_env(AWS_ENDPOINT_URL=local_aws.endpoint_url, **variables),
+            env={"PATH": os.defpath, "HOME": str(tmp_path)},
         )
-        out, err = await asyncio.wait_for(program.communicate(), timeout=60)
-        assert program.returncode == 0, err.decode()
-        seen: dict[str, Any] = json.loads(out)
+        async with running_process(endpoint):
+            assert endpoint.stdout is not None
+            assert endpoint.stderr is not None
+            # It prints, then closes its output: read to the end.
+            printed = (await asyncio.wait_for(endpoint.stdout.read(), timeout=20)).decode()
+            variables = dict(line.partition("=")[::2] for line in printed.splitlines())
+            assert set(variables) == {
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+                "AWS_REGION",
+                "AWS_DEFAULT_REGION",
+            }
+            assert variables["AWS_REGION"] == variables["AWS_DEFAULT_REGION"] == REGION
+            url = variables["AWS_CONTAINER_CREDENTIALS_FULL_URI"]
+            assert url.startswith("http://127.0.0.1:")
+            for wrong in ("", "not-the-token"):
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    await asyncio.to_thread(
+                        urllib.request.urlopen,
+                        urllib.request.Request(url, headers={"Authorization": wrong}),
+                        None,
+                        5,
+                    )
+                assert refused.value.code == 401
+                refused.value.close()
 
-        await running.stub.ReleaseCredentials(
-            pb.ReleaseCredentialsRequest(tenant_id=tenant, run_id="long-run")
-        )
-        assert await asyncio.wait_for(endpoint.wait(), timeout=10) == 0, "ends with the run"
+            (tmp_path / "printed").write_text(printed)
+            code, out, err = await run(
+                [BASH, "-c", EVAL_THEN_RUN, str(tmp_path / "printed"), *python(str(LIFETIME * 3))],
+                bare_env(tmp_path, local_aws),
+            )
+            assert code == 0, err
+            seen: dict[str, Any] = json.loads(out)
+
+            await running.stub.ReleaseCredentials(
+                pb.ReleaseCredentialsRequest(tenant_id=tenant, run_id="long-run")
+            )
+            assert await asyncio.wait_for(endpoint.wait(), timeout=10) == 0, "ends with the run"
+            assert await endpoint.stderr.read() == b"", "a clean end says nothing"
     assert seen["errors"] == []
     assert seen["calls"] >= 30
     assert len(seen["keys"]) >= 3, f"renewals the program saw: {seen['keys']}"
-    role_name = connection.role_arn.rsplit("/", 1)[1]
-    assert seen["arns"] == [
-        f"arn:aws:sts::{connection.account_id}:assumed-role/{role_name}/long-run"
-    ]
+    assert seen["arns"] == [f"{assumed_role}/long-run"]
+    assert seen["region"] == REGION
+    assert seen["method"] == "container-role"
+    assert seen["aws_variables"] == sorted([*variables, "AWS_ENDPOINT_URL_STS"])
+
+
+async def test_a_long_running_program_renews_through_credential_process(
+    local_aws: LocalAws, tenant: str, template_url: str, broker_identity: Identity, tmp_path: Path
+) -> None:
+    """The AWS config `broker config-profile` prints, written to the sandbox's ~/.aws/config
+    as it is, is all the program has: its credential_process runs `broker credential-process`
+    (by absolute path, from another folder, with a token file whose path has a space)."""
+    ui, launcher = new_token(), new_token()
+    settings = settings_for(f"sqlite:///{tmp_path / 'b.db'}", local_aws, template_url) | {
+        "refresh_margin": 60,
+        "token_hashes": f"ui={hash_token(ui)},launcher={hash_token(launcher)}",
+        "policy": "token:ui=connections; token:launcher=credentials",
+    }
+    secrets = tmp_path / "launcher secrets"
+    secrets.mkdir()
+    (secrets / "token").write_text(launcher + "\n")
+    async with start_broker(settings, broker_identity) as running:
+        as_ui = (("authorization", f"Bearer {ui}"),)
+        created = await running.stub.CreateConnection(
+            pb.CreateConnectionRequest(tenant_id=tenant, region=REGION), metadata=as_ui
+        )
+        role_arn = local_aws.create_customer_stack(created.connection.quick_create_url)
+        verified = await running.stub.VerifyRole(
+            pb.VerifyRoleRequest(tenant_id=tenant, role_arn=role_arn), metadata=as_ui
+        )
+        account, role_name = verified.connection.account_id, role_arn.rsplit("/", 1)[1]
+        local_aws.sts.session_lifetime = LIFETIME
+        code, config, err = await run(
+            [
+                *(str(BIN / "broker"), "config-profile", "--profile", "default"),
+                *("--broker", running.address, "--tenant", tenant, "--run", "long-run"),
+                *("--token-file", "launcher secrets/token"),  # relative to its folder
+            ],
+            {"PATH": os.defpath, "HOME": str(tmp_path)},
+            cwd=tmp_path,
+        )
+        assert (code, err) == (0, ""), err
+        lines = config.splitlines()
+        assert lines[0] == "[default]"
+        assert lines[1].startswith(f"credential_process = {BIN / 'broker'} credential-process ")
+        assert f"--token-file '{secrets / 'token'}'" in lines[1], "absolute, and quoted"
+        assert lines[2:] == [f"region = {REGION}"]
+        assert launcher not in config
+
+        env = bare_env(tmp_path, local_aws)
+        (Path(env["HOME"]) / ".aws").mkdir()
+        (Path(env["HOME"]) / ".aws" / "config").write_text(config)
+        code, out, err = await run(python(str(LIFETIME * 2.5)), env, cwd=Path(env["PATH"]))
+        assert code == 0, err
+        seen: dict[str, Any] = json.loads(out)
+    assert seen["errors"] == []
+    assert seen["calls"] >= 5
+    assert len(seen["keys"]) >= 3, f"renewals the program saw: {seen['keys']}"
+    assert seen["arns"] == [f"arn:aws:sts::{account}:assumed-role/{role_name}/long-run"]
+    assert seen["region"] == REGION
+    assert seen["method"] == "custom-process"
+    assert seen["aws_variables"] == ["AWS_ENDPOINT_URL_STS"]
+
+
+async def test_the_aws_cli_in_a_bare_sandbox(
+    local_aws: LocalAws, tenant: str, template_url: str, broker_identity: Identity, tmp_path: Path
+) -> None:
+    """The AWS CLI, through the endpoint started as the README shows (`eval "$(broker
+    sandbox-endpoint ... &)"`, which returns while the endpoint serves on), and through a
+    config profile."""
+    settings = settings_for(f"sqlite:///{tmp_path / 'b.db'}", local_aws, template_url)
+    async with start_broker(settings, broker_identity) as running:
+        assumed_role = await connect_in(running, local_aws, tenant, REGION)
+        local_aws.sts.session_lifetime = 30  # ends the endpoint soon after the broker if left
+        flags = ["--broker", running.address, "--tenant", tenant, "--connect-timeout", "2"]
+        aws = [str(BIN / "aws"), "sts", "get-caller-identity", "--output", "json"]
+        log = tmp_path / "endpoint.log"
+        script = (
+            f'set -a; eval "$("$0" sandbox-endpoint "$@" 2>{shlex.quote(str(log))} &)"; set +a; '
+            f'echo "region=$AWS_REGION" >&2; exec {shlex.join(aws)}'
+        )
+        code, out, err = await run(
+            [BASH, "-c", script, str(BIN / "broker"), *flags, "--run", "cli-endpoint"],
+            bare_env(tmp_path, local_aws),
+            within=30,
+        )
+        assert code == 0, err + log.read_text()
+        assert json.loads(out)["Arn"] == f"{assumed_role}/cli-endpoint"
+        assert f"region={REGION}" in err.splitlines()
+        await running.stub.ReleaseCredentials(
+            pb.ReleaseCredentialsRequest(tenant_id=tenant, run_id="cli-endpoint")
+        )
+
+        code, config, err = await run(
+            [str(BIN / "broker"), "config-profile", "--profile", "run", *flags, "--run", "cli-cp"],
+            {"PATH": os.defpath, "HOME": str(tmp_path)},
+        )
+        assert code == 0, err
+        env = bare_env(tmp_path, local_aws)
+        (Path(env["HOME"]) / ".aws").mkdir()
+        (Path(env["HOME"]) / ".aws" / "config").write_text(config)
+        code, out, err = await run([*aws, "--profile", "run"], env, within=30)
+        assert code == 0, err
+        assert json.loads(out)["Arn"] == f"{assumed_role}/cli-cp"
 
 
 def test_delivery_formats_are_what_sdks_read(

@@ -3,7 +3,25 @@
 async with BrokerClient("broker.internal:50051", tls=ClientTls(...)) as broker:
     credentials = await broker.issue_credentials("acme", "run-42")
     async for credentials in broker.watch_credentials("acme", "run-42"):
-        ...  # new credentials before each expiry, across broker restarts
+        ...  # new credentials before each expiry, across broker restarts; ends when released
+
+Every failure is a `BrokerClientError`, told apart by the broker's rich status (code and
+google.rpc.PreconditionFailure violation type), never by its message text. `str()` is one
+line, safe to show (the broker's own message, which never holds a secret):
+
+    BrokerClientError            the broker failed the call in a way not listed below (INTERNAL…)
+    ├── Refused                  permanent: the same call fails again; do not retry
+    │   ├── TenantNotActive      the tenant's connection is not ACTIVE (PENDING, SUSPENDED,
+    │   │   │                    DISCONNECTED): CONNECTION_NOT_ACTIVE
+    │   │   └── TenantDisconnected   a watch was ended for the tenant while it ran (disconnected,
+    │   │                        or suspended): STREAM_ENDED naming the tenant
+    │   ├── TenantNotFound       no connection for the tenant (NOT_FOUND)
+    │   ├── PermissionDenied     this caller may not (PERMISSION_DENIED, UNAUTHENTICATED)
+    │   ├── RoleNotAssumable     AWS refuses the customer's role (ROLE_NOT_ASSUMABLE)
+    │   └── InvalidRequest       a malformed tenant or run id (INVALID_ARGUMENT)
+    └── BrokerUnavailable        not reached, or UNAVAILABLE, for `connect_timeout` seconds
+
+A release of the run (STREAM_ENDED naming the run) is no error: the watch just ends.
 """
 
 from __future__ import annotations
@@ -11,13 +29,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from broker.config import is_loopback, split_host_port
 from broker.delivery import RunCredentials
@@ -26,16 +48,147 @@ from broker.v1 import broker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Codes after which a stream is opened again (on this or another replica): the replica went
-# away, or the call was cut short. FAILED_PRECONDITION (run released, tenant disconnected)
-# and the caller's own errors end the watch.
+# Codes after which a call is made (a stream opened) again, on this or another replica, while
+# the connect budget lasts: the replica went away, was busy, or the call was cut short.
+# FAILED_PRECONDITION (run released, tenant disconnected) and the caller's own errors end it.
 RECONNECT_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
     }
 )
+DEFAULT_CONNECT_TIMEOUT = 10.0
+MAX_MESSAGE = 1000  # characters of the broker's message kept in an error's one line
+
+# PreconditionFailure violation types the broker sends (broker/errors.py).
+STREAM_ENDED = "STREAM_ENDED"
+CONNECTION_NOT_ACTIVE = "CONNECTION_NOT_ACTIVE"
+ROLE_NOT_ASSUMABLE = "ROLE_NOT_ASSUMABLE"
+
+T = TypeVar("T")
+
+
+class BrokerClientError(Exception):
+    """A call the broker (or the way to it) failed. `str()` is one line: what kind of failure,
+    then the broker's message. `code` and `status` are the gRPC code and the rich status
+    (google.rpc.Status with its details), where the broker answered."""
+
+    kind = "the broker failed the call"
+
+    def __init__(
+        self,
+        message: str,
+        code: grpc.StatusCode | None = None,
+        status: status_pb2.Status | None = None,
+    ) -> None:
+        super().__init__(f"{self.kind}: {_one_line(message)}")
+        self.code = code
+        self.status = status
+
+
+class Refused(BrokerClientError):
+    """Permanent: the same call will fail again until someone changes something."""
+
+    kind = "refused"
+
+
+class TenantNotActive(Refused):
+    kind = "the tenant is not connected"
+
+
+class TenantDisconnected(TenantNotActive):
+    """The run's stream was ended for its tenant: disconnected, or suspended (the broker reports
+    both alike; its message says which)."""
+
+    kind = "the tenant's connection ended"
+
+
+class TenantNotFound(Refused):
+    kind = "unknown tenant"
+
+
+class PermissionDenied(Refused):
+    kind = "permission denied"
+
+
+class RoleNotAssumable(Refused):
+    kind = "the customer's role cannot be assumed"
+
+
+class InvalidRequest(Refused):
+    kind = "invalid request"
+
+
+class BrokerUnavailable(BrokerClientError):
+    """Retryable later: the broker could not be reached, or answered UNAVAILABLE, for the
+    whole connect budget."""
+
+    kind = "the broker is unavailable"
+
+
+REFUSAL_OF_CODE: dict[grpc.StatusCode, type[Refused]] = {
+    grpc.StatusCode.NOT_FOUND: TenantNotFound,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: PermissionDenied,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+}
+REFUSAL_OF_VIOLATION: dict[str, type[Refused]] = {
+    STREAM_ENDED: TenantDisconnected,
+    CONNECTION_NOT_ACTIVE: TenantNotActive,
+    ROLE_NOT_ASSUMABLE: RoleNotAssumable,
+}
+
+
+def _one_line(text: str) -> str:
+    """`text` with every run of whitespace or control characters made one space, bounded."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return flat if len(flat) <= MAX_MESSAGE else flat[: MAX_MESSAGE - 1] + "…"
+
+
+def _violations(status: status_pb2.Status | None) -> list[tuple[str, str]]:
+    """(type, subject) of each PreconditionFailure violation in the rich status."""
+    found = []
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
+            failure = error_details_pb2.PreconditionFailure()
+            detail.Unpack(failure)
+            found += [(v.type, v.subject) for v in failure.violations]
+    return found
+
+
+def _rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(error)
+    except ValueError:  # details that do not match the code: read as if there were none
+        return None
+    return status
+
+
+def is_release(error: grpc.aio.AioRpcError, tenant_id: str, run_id: str) -> bool:
+    """Whether `error` ends a watch because the run was released: STREAM_ENDED naming the run.
+    A run id equal to its tenant id cannot be told from a disconnect: not a release, so a
+    disconnect is never taken for a normal end."""
+    if error.code() != grpc.StatusCode.FAILED_PRECONDITION or run_id == tenant_id:
+        return False
+    return (STREAM_ENDED, run_id) in _violations(_rich_status(error))
+
+
+def translate(error: grpc.aio.AioRpcError) -> BrokerClientError:
+    """The typed error for a call the broker failed (the one place gRPC errors are mapped)."""
+    code = error.code()
+    status = _rich_status(error)
+    message = error.details() or code.name
+    kind: type[BrokerClientError] = BrokerClientError
+    if code in RECONNECT_CODES:
+        kind = BrokerUnavailable
+    elif code in REFUSAL_OF_CODE:
+        kind = REFUSAL_OF_CODE[code]
+    elif code == grpc.StatusCode.FAILED_PRECONDITION:
+        types = [t for t, _ in _violations(status)]
+        kind = next((REFUSAL_OF_VIOLATION[t] for t in types if t in REFUSAL_OF_VIOLATION), Refused)
+    return kind(message, code, status)
 
 
 # gRPC target schemes whose addresses are sockets on this machine.
@@ -106,6 +259,9 @@ class BrokerClient:
 
     Without `tls`, `target` must be loopback or a unix socket: PlaintextRefused is raised
     before any channel is made (a token or credentials never cross the network in the clear).
+    Calls raise `BrokerClientError`s (module docstring). `issue_credentials` and
+    `watch_credentials` try again, with jittered backoff, for `connect_timeout` seconds (None:
+    for ever) before raising BrokerUnavailable; the other calls raise it at the first failure.
     """
 
     def __init__(
@@ -115,6 +271,7 @@ class BrokerClient:
         tls: ClientTls | None = None,
         token: str | None = None,
         reconnect_backoff: tuple[float, float] = (0.2, 10.0),
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         check_transport(target, tls)
         options = [("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 1)]
@@ -123,9 +280,11 @@ class BrokerClient:
             if tls
             else grpc.aio.insecure_channel(target, options=options)
         )
+        self._target = target
         self._stub = broker_pb2_grpc.CredentialBrokerStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._backoff = reconnect_backoff
+        self._connect_timeout = connect_timeout
 
     async def __aenter__(self) -> BrokerClient:
         return self
@@ -144,60 +303,131 @@ class BrokerClient:
     def _call(self, **extra: Any) -> dict[str, Any]:
         return {"metadata": self._metadata, **extra}
 
+    def _unavailable(self, waited: float, cause: str) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"no answer from {self._target} within {waited:.1f} s"
+            + (f" (last error: {cause})" if cause else "")
+        )
+
+    async def _once(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as error:
+            raise translate(error) from None
+
+    async def _retrying(self, call: Callable[[float], Awaitable[T]], deadline: float) -> T:
+        """`call(timeout)` again after a retryable failure until one answers or the connect
+        budget is spent (BrokerUnavailable); each attempt waits at most `deadline`."""
+        low, high = self._backoff
+        delay, cause, started = low, "", time.monotonic()
+        budget = self._connect_timeout
+        while True:
+            left = deadline if budget is None else started + budget - time.monotonic()
+            if left <= 0:
+                raise self._unavailable(time.monotonic() - started, cause)
+            try:
+                return await call(min(deadline, left))
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in RECONNECT_CODES:
+                    raise translate(error) from None
+                if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # ours: says nothing new
+                    cause = _one_line(error.details() or error.code().name)
+            pause = random.uniform(0, delay)  # noqa: S311 - jitter, not security
+            if budget is not None:
+                pause = min(pause, max(started + budget - time.monotonic(), 0))
+            log.info("broker call failed; retrying", extra={"retry_in": round(pause, 2)})
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, high)
+
     async def create_connection(self, tenant_id: str, region: str = "") -> pb.Connection:
         request = pb.CreateConnectionRequest(tenant_id=tenant_id, region=region)
-        return (await self._stub.CreateConnection(request, **self._call())).connection
+        return (await self._once(self._stub.CreateConnection(request, **self._call()))).connection
 
     async def verify_role(
         self, tenant_id: str, role_arn: str, deadline: float = 60
     ) -> pb.Connection:
         request = pb.VerifyRoleRequest(tenant_id=tenant_id, role_arn=role_arn)
-        return (await self._stub.VerifyRole(request, **self._call(timeout=deadline))).connection
+        answer = await self._once(self._stub.VerifyRole(request, **self._call(timeout=deadline)))
+        return answer.connection
 
     async def get_connection(self, tenant_id: str) -> pb.Connection:
         request = pb.GetConnectionRequest(tenant_id=tenant_id)
-        return (await self._stub.GetConnection(request, **self._call())).connection
+        return (await self._once(self._stub.GetConnection(request, **self._call()))).connection
 
     async def disconnect(self, tenant_id: str) -> pb.Connection:
         request = pb.DisconnectRequest(tenant_id=tenant_id)
-        return (await self._stub.Disconnect(request, **self._call())).connection
+        return (await self._once(self._stub.Disconnect(request, **self._call()))).connection
 
     async def issue_credentials(
         self, tenant_id: str, run_id: str, deadline: float = 10
     ) -> RunCredentials:
+        """The run's credentials now (the broker's cached ones while they are fresh)."""
         request = pb.IssueCredentialsRequest(tenant_id=tenant_id, run_id=run_id)
-        answer = await self._stub.IssueCredentials(request, **self._call(timeout=deadline))
+        answer = await self._retrying(
+            lambda timeout: self._stub.IssueCredentials(request, **self._call(timeout=timeout)),
+            deadline,
+        )
         return RunCredentials.from_pb(answer.credentials)
 
     async def release_credentials(self, tenant_id: str, run_id: str) -> None:
         request = pb.ReleaseCredentialsRequest(tenant_id=tenant_id, run_id=run_id)
-        await self._stub.ReleaseCredentials(request, **self._call())
+        await self._once(self._stub.ReleaseCredentials(request, **self._call()))
 
     async def watch_credentials(self, tenant_id: str, run_id: str) -> AsyncIterator[RunCredentials]:
         """The run's credentials now and before each expiry. When a replica goes away the
         stream is opened again with jittered backoff (the broker serves the same credentials
-        from its cache, or new ones); it ends when the run is released or the tenant
-        disconnected (FAILED_PRECONDITION), and raises on any other error."""
+        from its cache, or new ones). It ends when the run is released; it raises Refused
+        (TenantNotActive, TenantDisconnected, TenantNotFound, PermissionDenied, …) when the
+        broker will not serve the run, and BrokerUnavailable once no stream has answered for
+        `connect_timeout` seconds and the last credentials yielded (if any) have expired: while
+        they are valid, a sandbox using them loses nothing by the wait."""
         request = pb.WatchCredentialsRequest(tenant_id=tenant_id, run_id=run_id)
         low, high = self._backoff
-        delay = low
+        delay, cause = low, ""
         last_key = None
+        failing_since: float | None = time.monotonic()  # None while a stream answers
+        valid_until = 0.0  # monotonic time the last credentials yielded expire
+
+        def left() -> float:
+            """Seconds until the watch gives up, while no stream answers."""
+            if self._connect_timeout is None or failing_since is None:
+                return float("inf")
+            give_up = max(failing_since + self._connect_timeout, valid_until)
+            return give_up - time.monotonic()
+
         while True:
+            if left() <= 0:
+                raise self._unavailable(time.monotonic() - (failing_since or 0), cause)
             stream = self._stub.WatchCredentials(request, **self._call())
             try:
-                async for message in stream:
-                    delay = low
+                while True:
+                    waiting = left()
+                    try:
+                        if waiting == float("inf"):
+                            message = await stream.read()
+                        else:
+                            message = await asyncio.wait_for(stream.read(), waiting)
+                    except TimeoutError:
+                        break
+                    if not isinstance(message, pb.WatchCredentialsResponse):
+                        return  # EOF: the server ended the stream cleanly
+                    failing_since, delay = None, low
                     if message.credentials.access_key_id != last_key:
                         last_key = message.credentials.access_key_id
-                        yield RunCredentials.from_pb(message.credentials)
-                return  # the server ended the stream cleanly
+                        credentials = RunCredentials.from_pb(message.credentials)
+                        remaining = (credentials.expiration - datetime.now(UTC)).total_seconds()
+                        valid_until = time.monotonic() + remaining
+                        yield credentials
             except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    log.info("watch ended", extra={"tenant": tenant_id, "run": run_id})
+                if is_release(error, tenant_id, run_id):
+                    log.info("run released", extra={"tenant": tenant_id, "run": run_id})
                     return
                 if error.code() not in RECONNECT_CODES:
-                    raise
-                pause = random.uniform(0, delay)  # noqa: S311 - jitter, not security
+                    raise translate(error) from None
+                cause = _one_line(error.details() or error.code().name)
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                pause = min(random.uniform(0, delay), max(left(), 0))  # noqa: S311 - jitter
                 log.info("broker went away; reconnecting", extra={"retry_in": round(pause, 2)})
                 await asyncio.sleep(pause)
                 delay = min(delay * 2, high)

@@ -1,9 +1,12 @@
 """One run's credentials, in every form a sandbox takes them: environment variables,
-`credential_process` output, and the container-credentials (ECS/EKS) answer."""
+`credential_process` output, and the container-credentials (ECS/EKS) answer; and the two forms
+variables are handed to a launcher in (`shell_assignments`, `json_line`)."""
 
 from __future__ import annotations
 
 import json
+import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -68,3 +71,15 @@ class RunCredentials:
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def shell_assignments(variables: Mapping[str, str]) -> str:
+    """KEY=value lines, each value shell-quoted where it needs to be: a POSIX shell can `eval`
+    them (with `set -a` to export them). A launcher that parses rather than evals reads
+    `json_line` instead."""
+    return "".join(f"{name}={shlex.quote(value)}\n" for name, value in variables.items())
+
+
+def json_line(variables: Mapping[str, str]) -> str:
+    """One JSON object on one line."""
+    return json.dumps(dict(variables), separators=(",", ":")) + "\n"
