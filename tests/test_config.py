@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from broker.auth import CONNECTION_RPCS, CREDENTIAL_RPCS, Rule, hash_token
-from broker.config import ConfigError, load_settings
+from broker.config import (
+    BOTOCORE_ADVISORY_REFRESH,
+    BOTOCORE_MANDATORY_REFRESH,
+    MAX_SESSION_DURATION,
+    MIN_SESSION_DURATION,
+    ConfigError,
+    load_settings,
+)
+from broker.template import template_body
 
 TOKEN = "correct-horse-battery-staple-0123456789abcdef"
 
@@ -37,7 +46,10 @@ def pem(tmp_path: Path) -> str:
         ({"policy": "token:x=credentials"}, "no caller authentication"),
         ({"token_hashes": f"a={hash_token(TOKEN)}", "policy": "token:a=IssueCreds"}, "unknown RPC"),
         ({"listen": "127.0.0.1"}, "is not host:port"),
-        ({"session_duration": 43201}, "less than or equal to 43200"),
+        ({"session_duration": 3601}, "3601 s is longer than 3600 s, the MaxSessionDuration"),
+        ({"session_duration": 43200}, "43200 s is longer than 3600 s, the MaxSessionDuration"),
+        ({"session_duration": 899}, "greater than or equal to 900"),
+        ({"session_duration": 900, "refresh_margin": 1200}, "must be less than BROKER_SESSION"),
         ({"refresh_margin": 3600}, "must be less than BROKER_SESSION_DURATION"),
         ({"session_policy_arns": "ReadOnlyAccess"}, "not a managed policy ARN"),
         ({"database_url": "mysql://x"}, "sqlite:///"),
@@ -263,3 +275,80 @@ def test_a_refused_setting_is_named_without_repeating_a_secret(
         load_settings(**overrides)
     assert secret not in str(refused.value)
     assert named in str(refused.value)
+
+
+# Lifetimes. BROKER_REFRESH_MARGIN, unset, follows BROKER_SESSION_DURATION.
+LIFETIMES = [(900, 450), (1200, 600), (1800, 600), (2400, 800), (2700, 900), (3600, 1200)]
+
+
+@pytest.fixture
+def no_lifetime_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BROKER_SESSION_DURATION", raising=False)
+    monkeypatch.delenv("BROKER_REFRESH_MARGIN", raising=False)
+
+
+@pytest.mark.usefixtures("no_lifetime_settings")
+@pytest.mark.parametrize(("duration", "margin"), LIFETIMES)
+def test_the_refresh_margin_follows_the_session_duration(
+    monkeypatch: pytest.MonkeyPatch, duration: int, margin: int
+) -> None:
+    monkeypatch.setenv("BROKER_SESSION_DURATION", str(duration))
+    assert load_settings().refresh_margin == margin
+    assert load_settings(session_duration=duration).refresh_margin == margin
+
+
+@pytest.mark.usefixtures("no_lifetime_settings")
+def test_the_documented_minimum_duration_starts_without_a_margin_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BROKER_SESSION_DURATION", "900")
+    settings = load_settings()
+    assert settings.session_duration == 900
+    assert settings.refresh_margin == 450
+    assert load_settings().refresh_margin < settings.session_duration
+
+
+@pytest.mark.usefixtures("no_lifetime_settings")
+def test_a_margin_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BROKER_REFRESH_MARGIN", "100")
+    assert load_settings().refresh_margin == 100
+    assert load_settings(session_duration=900).refresh_margin == 100
+    assert load_settings(refresh_margin=1500).refresh_margin == 1500
+    assert load_settings().session_duration == 3600
+    assert load_settings(session_duration=3600, refresh_margin=None).refresh_margin == 1200
+
+
+@pytest.mark.usefixtures("no_lifetime_settings")
+def test_every_default_margin_keeps_the_rule() -> None:
+    """A third, raised to botocore's mandatory window as far as half the duration allows: so
+    the margin clears botocore's advisory window wherever a third does, its mandatory window
+    wherever half does, and never asks for a renewal before half-life."""
+    for duration in range(MIN_SESSION_DURATION, MAX_SESSION_DURATION + 1):
+        margin = load_settings(session_duration=duration).refresh_margin
+        assert duration // 3 <= margin <= duration // 2, duration
+        if duration >= 3 * BOTOCORE_ADVISORY_REFRESH:
+            assert margin >= BOTOCORE_ADVISORY_REFRESH, duration
+        if duration >= 2 * BOTOCORE_MANDATORY_REFRESH:
+            assert margin >= BOTOCORE_MANDATORY_REFRESH, duration
+        else:
+            assert margin == duration // 2, duration
+
+
+@pytest.mark.usefixtures("no_lifetime_settings")
+@pytest.mark.parametrize("duration", [3601, 7200, 43200])
+def test_a_duration_the_customer_role_refuses_stops_start_up_naming_both(
+    monkeypatch: pytest.MonkeyPatch, duration: int
+) -> None:
+    monkeypatch.setenv("BROKER_SESSION_DURATION", str(duration))
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    (line,) = str(refused.value).splitlines()[1:]
+    assert line.strip().startswith(f"BROKER_SESSION_DURATION='{duration}': {duration} s is longer")
+    assert "3600 s, the MaxSessionDuration of the role the customer template creates" in line
+
+
+def test_the_cap_is_the_templates_max_session_duration() -> None:
+    template = template_body("arn:aws:iam::123456789012:role/credential-broker")
+    (declared,) = re.findall(r"^ +MaxSessionDuration: (\d+)$", template, re.M)
+    assert int(declared) == MAX_SESSION_DURATION
+    assert load_settings(session_duration=MAX_SESSION_DURATION).session_duration == 3600

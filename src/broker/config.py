@@ -9,20 +9,28 @@ import ipaddress
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, FilePath, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from broker.auth import Policy, parse_token_hashes
+from broker.template import ROLE_MAX_SESSION_DURATION
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATABASE_URL = "sqlite:///./broker.db"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_SESSION_DURATION = 3600
-MIN_SESSION_DURATION = 900
-MAX_SESSION_DURATION = 43200
-DEFAULT_REFRESH_MARGIN = 1200
+MIN_SESSION_DURATION = 900  # AWS's minimum
+# The customer's role refuses longer sessions (and role chaining caps a broker that runs on an
+# assumed role, as on EKS, at 3600 too).
+MAX_SESSION_DURATION = ROLE_MAX_SESSION_DURATION
+DEFAULT_REFRESH_MARGIN = 1200  # for the default duration: see `default_refresh_margin`
+# botocore's refresh windows: an SDK holding credentials with less than 15 min left tries to
+# refresh them before each call (advisory), and with less than 10 min left waits for new ones
+# before each call (mandatory).
+BOTOCORE_ADVISORY_REFRESH = 900
+BOTOCORE_MANDATORY_REFRESH = 600
 DEFAULT_CACHE_MAX_ENTRIES = 100_000
 DEFAULT_VERIFY_WAIT = 30.0
 DEFAULT_SHUTDOWN_GRACE = 10.0
@@ -82,14 +90,18 @@ class Settings(BaseSettings):
     session_duration: int = Field(
         DEFAULT_SESSION_DURATION,
         ge=MIN_SESSION_DURATION,
-        le=MAX_SESSION_DURATION,
-        description="Seconds each issued credential lives (900-43200; never past the role's "
-        "maximum, and 3600 at most when the broker itself runs on an assumed role).",
+        description=f"Seconds each issued credential lives ({MIN_SESSION_DURATION}-"
+        f"{MAX_SESSION_DURATION}: the customer template's MaxSessionDuration is "
+        f"{ROLE_MAX_SESSION_DURATION}, and role chaining caps a broker on an assumed role at "
+        "3600 too).",
     )
     refresh_margin: int = Field(
         DEFAULT_REFRESH_MARGIN,
         ge=60,
-        description="Seconds before expiry at which cached credentials are renewed.",
+        description="Seconds before expiry at which cached credentials are renewed (at most "
+        "half their lifetime is used). Unset: a third of BROKER_SESSION_DURATION (1200 for "
+        "3600), raised to botocore's mandatory refresh window (600) as far as half the "
+        "duration allows (450 for 900); docs/deploy.md says why.",
     )
     cache_max_entries: int = Field(
         DEFAULT_CACHE_MAX_ENTRIES, ge=1, description="Most runs held in the credential cache."
@@ -283,6 +295,31 @@ class Settings(BaseSettings):
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return level
 
+    @field_validator("session_duration")
+    @classmethod
+    def _check_duration(cls, value: int) -> int:
+        if value > MAX_SESSION_DURATION:
+            raise ValueError(
+                f"{value} s is longer than {ROLE_MAX_SESSION_DURATION} s, the MaxSessionDuration "
+                "of the role the customer template creates: AWS would refuse every AssumeRole "
+                "(and role chaining caps a broker on an assumed role at 3600 s)"
+            )
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scale_margin(cls, data: Any) -> Any:
+        """BROKER_REFRESH_MARGIN unset: `default_refresh_margin` of the duration set."""
+        if not isinstance(data, dict) or data.get("refresh_margin") is not None:
+            return data
+        try:
+            duration = int(data.get("session_duration", DEFAULT_SESSION_DURATION))
+        except (TypeError, ValueError):
+            return data  # the duration's own error says what is wrong with it
+        if MIN_SESSION_DURATION <= duration <= MAX_SESSION_DURATION:
+            return {**data, "refresh_margin": default_refresh_margin(duration)}
+        return data
+
     @model_validator(mode="after")
     def _check_margin(self) -> Settings:
         if self.refresh_margin >= self.session_duration:
@@ -379,6 +416,23 @@ def _read_policy_file(path: Path) -> Policy:
         return Policy.from_toml(text)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"not a TOML file ({exc})") from None
+
+
+def default_refresh_margin(session_duration: int) -> int:
+    """The refresh margin for `session_duration` when BROKER_REFRESH_MARGIN is unset.
+
+    A third of the duration: 1200 s for 3600 s, more than botocore's advisory window, so an SDK
+    handed our credentials at their refresh point finds nothing due. Shorter sessions cannot
+    keep that: below 2700 s the last credentials served are inside the advisory window (the SDK
+    re-fetches them opportunistically; the sandbox endpoint answers from memory). A third of
+    less than 1800 s would fall inside the mandatory window, where an SDK waits for a re-fetch
+    before every call (and runs a credential_process again each time): there the margin is
+    raised to 600 s, or to half the duration if that is less (the cache renews at half-life at
+    the latest, `cache.refresh_point`). At 900 s that is 450 s: credentials are born inside the
+    advisory window, and half-life renewal keeps the mandatory stretch shortest (150 s of
+    every 450 s), for one STS call per run every 7.5 minutes."""
+    third = session_duration // 3
+    return max(third, min(BOTOCORE_MANDATORY_REFRESH, session_duration // 2))
 
 
 def split_host_port(value: str) -> tuple[str, int]:

@@ -37,7 +37,7 @@ from moto.moto_server.werkzeug_app import (
 from moto.sts.models import sts_backends
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from broker.config import MAX_SESSION_DURATION, is_loopback
+from broker.config import is_loopback
 from broker.template import template_body
 from broker.trust import allows
 
@@ -46,6 +46,7 @@ CUSTOMER_ACCOUNT = "222222222222"
 TEMPLATE_BUCKET = "credential-broker-templates"
 TEMPLATE_KEY = "customer-role.yaml"
 ROLE_CHAINING_CAP = 3600
+AWS_MAX_SESSION_DURATION = 43200  # what AWS allows a role's MaxSessionDuration at most
 _CREDENTIAL_SCOPE = re.compile(r"Credential=([^/]+)/[^/]+/[^/]+/([^/]+)/")
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -145,7 +146,8 @@ class TrustEnforcingSts:
             assert role is not None
             chained = ":assumed-role/" in caller_arn
             limit = min(
-                role.max_session_duration, ROLE_CHAINING_CAP if chained else MAX_SESSION_DURATION
+                role.max_session_duration,
+                ROLE_CHAINING_CAP if chained else AWS_MAX_SESSION_DURATION,
             )
             if call.duration > limit:
                 with self._lock:

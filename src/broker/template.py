@@ -19,6 +19,8 @@ STACK_NAME_PREFIX = "credential-broker-"
 STACK_NAME_MAX = 64 - len("-BrokerReadOnlyRole-") - 13
 # Hex digits of the external ID's SHA-256 that end the stack name (one connection's stack).
 STACK_SUFFIX_LENGTH = 6
+# The MaxSessionDuration of the role customer-role.yaml creates: no session can be longer.
+ROLE_MAX_SESSION_DURATION = 3600
 # Where the packaged template names the principal; `template_body` puts the ARN there.
 PRINCIPAL_PLACEHOLDER = "{{TrustedPrincipalArn}}"
 # An IAM role or user (with its path), in a partition the broker supports. Names and path
