@@ -7,8 +7,10 @@ import asyncio
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,7 +20,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.emulator import Identity, LocalAws
 from broker.logs import BatchingStreamHandler, JsonFormatter
 from broker.v1 import broker_pb2 as pb
-from tests.conftest import Running, captured_logs, connect, metrics_text, start_broker
+from tests.conftest import (
+    Running,
+    captured_logs,
+    connect,
+    metrics_text,
+    settings_for,
+    start_broker,
+)
+from tests.faults import FaultyAws
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -81,7 +91,7 @@ async def test_metrics_follow_the_flow(running: Running, local_aws: LocalAws, te
     assert value(during, "broker_cache_entries") >= 2
     assert value(after, "broker_connections", status="DISCONNECTED") >= 1
     labels = {label for (_, pairs) in after for label, _ in pairs}
-    assert labels <= {"method", "code", "outcome", "status", "le"}, "bounded labels only"
+    assert labels <= {"method", "code", "outcome", "status", "loop", "le"}, "bounded labels only"
 
 
 async def test_every_rpc_is_one_json_log_line(
@@ -238,3 +248,91 @@ def test_log_lines_are_written_in_batches_and_warnings_at_once() -> None:
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+def enumerated(text: str) -> dict[str, tuple[str, set[str]]]:
+    """Family → (label, the values its HELP names), for every HELP of the form
+    `… by LABEL: value (what it counts); value (…); ….`"""
+    named = {}
+    for family in text_string_to_metric_families(text):
+        found = re.search(r"\bby (\w+): (.*)\.$", family.documentation)
+        if found:
+            label, values = found.groups()
+            named[family.name] = (label, set(re.findall(r"(?:^|; )(\w+) \(", values)))
+    return named
+
+
+async def test_the_help_names_exactly_the_label_values_that_occur(
+    local_aws: LocalAws, broker_identity: Identity, template_url: str, tmp_path: Path, tenant: str
+) -> None:
+    """A flow that makes every STS outcome happen (through a fault-injecting proxy) and renews
+    a stream, then a scrape: each counter whose label is an outcome or a loop has a HELP text
+    naming its values, every value seen is named, and every value named was seen (or, for
+    failures of background loops, shows at 0). No `_created` series."""
+    faults = FaultyAws(local_aws.endpoint_url).start()
+    settings = settings_for(f"sqlite:///{tmp_path / 'broker.db'}", local_aws, template_url)
+    try:
+        async with start_broker(
+            settings | {"aws_endpoint_url": faults.endpoint_url}, broker_identity
+        ) as running:
+            stub = running.stub
+            await connect(running, local_aws, tenant)  # ok, and denied twice (the probes)
+            await stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="r"))
+
+            faults.inject("throttle", count=3)  # every attempt botocore makes: transient
+            with pytest.raises(grpc.aio.AioRpcError) as throttled:
+                await stub.IssueCredentials(
+                    pb.IssueCredentialsRequest(tenant_id=tenant, run_id="throttled")
+                )
+            assert throttled.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            faults.inject("latency", seconds=2.0)  # the caller gives up first: abandoned
+            with pytest.raises(grpc.aio.AioRpcError) as gave_up:
+                await stub.IssueCredentials(
+                    pb.IssueCredentialsRequest(tenant_id=tenant, run_id="slow"), timeout=0.3
+                )
+            assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            faults.clear()
+
+            local_aws.sts.session_lifetime = 4  # renewed at half-life: a renewal within 2 s
+            stream = stub.WatchCredentials(
+                pb.WatchCredentialsRequest(tenant_id=tenant, run_id="watched")
+            )
+            first = await asyncio.wait_for(stream.read(), 10)
+            renewed = await asyncio.wait_for(stream.read(), 10)
+            assert renewed.credentials.access_key_id != first.credentials.access_key_id
+            stream.cancel()
+
+            deadline = time.monotonic() + 5
+            while 'outcome="abandoned"} 1.0' not in (text := await metrics_text(running)):
+                assert time.monotonic() < deadline, text
+                await asyncio.sleep(0.1)
+    finally:
+        faults.stop()
+
+    assert "_created" not in text
+    named = enumerated(text)
+    seen: dict[str, dict[str, set[str]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for label, label_value in sample.labels.items():
+                values = seen.setdefault(family.name, {}).setdefault(label, set())
+                if sample.value > 0:
+                    values.add(label_value)
+    open_labels = {"method", "code", "status", "le"}  # any RPC, any status: not enumerated
+    for family, labels in seen.items():
+        for label in set(labels) - open_labels:
+            assert family in named, f"{family}'s HELP does not name its {label} values"
+            assert named[family][0] == label, family
+            assert labels[label] <= named[family][1], (family, labels[label], named[family])
+    assert named["broker_sts_calls"] == ("outcome", {"ok", "denied", "transient", "abandoned"})
+    assert seen["broker_sts_calls"]["outcome"] == named["broker_sts_calls"][1]
+    assert named["broker_stream_renewals"] == ("outcome", {"ok"})
+    assert seen["broker_stream_renewals"]["outcome"] == {"ok"}
+    loops = {
+        s.labels["loop"]
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if f.name == "broker_background_errors"
+    }
+    assert loops == named["broker_background_errors"][1], "every loop shows, at 0"

@@ -6,10 +6,10 @@ tenant, a run, an ARN or a key: those belong in logs and audit events.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -28,11 +28,33 @@ BACKGROUND_LOOPS: dict[Loop, str] = {
 }
 
 
+# Every value a labelled counter's label takes, with what it counts; the HELP text names them
+# all (tests/test_observability.py checks a scrape against it) and each shows from the start.
+STS_OUTCOMES = {
+    "ok": "credentials issued",
+    "denied": "the customer's role refused, as VerifyRole's two probes expect",
+    "transient": "throttled, 5xx, unreachable, or the broker's own identity refused",
+    "abandoned": "every caller gave up, by deadline or cancel, before STS answered",
+}
+RENEWAL_OUTCOMES = {
+    "ok": "new credentials pushed, STS's transient failures retried first and counted in "
+    "broker_sts_calls",
+}
+
+
+def _by(label: str, values: Iterable[tuple[str, str]]) -> str:
+    """`by LABEL: value (what); …`, the form of every HELP text naming a label's values."""
+    return f"by {label}: " + "; ".join(f"{value} ({what})" for value, what in values)
+
+
 class Metrics:
     """What the broker counts. Components record through the attributes; the cache, the
     streams and the connection counts are read at scrape time (`watch`)."""
 
     def __init__(self) -> None:
+        # No `*_created` series (one more per counter and histogram child): nothing here reads
+        # them, and rate() and increase() see a restart's reset without them. Process-wide.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         self.rpcs = Counter(
             "broker_rpcs",
@@ -49,7 +71,7 @@ class Metrics:
         )
         self.sts_calls = Counter(
             "broker_sts_calls",
-            "sts:AssumeRole calls, by outcome (ok, denied, transient).",
+            f"sts:AssumeRole calls, {_by('outcome', STS_OUTCOMES.items())}.",
             ["outcome"],
             registry=self.registry,
         )
@@ -61,20 +83,24 @@ class Metrics:
         )
         self.renewals = Counter(
             "broker_stream_renewals",
-            "Renewals sent on streams, by outcome (ok, retrying).",
+            "Renewals sent on WatchCredentials streams, "
+            f"{_by('outcome', RENEWAL_OUTCOMES.items())}.",
             ["outcome"],
             registry=self.registry,
         )
         self.background_errors = Counter(
             "broker_background_errors",
-            "Failures the background loops logged and carried on from, by loop: "
-            + "; ".join(f"{loop} ({what})" for loop, what in BACKGROUND_LOOPS.items())
-            + ".",
+            "Failures the background loops logged and carried on from, "
+            f"{_by('loop', BACKGROUND_LOOPS.items())}.",
             ["loop"],
             registry=self.registry,
         )
         for loop in BACKGROUND_LOOPS:  # every loop shows, at 0 until it fails
             self.background_errors.labels(loop)
+        for outcome in STS_OUTCOMES:
+            self.sts_calls.labels(outcome)
+        for outcome in RENEWAL_OUTCOMES:
+            self.renewals.labels(outcome)
 
         # The labelled children each RPC records into, looked up once (`labels` is not free).
         self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
