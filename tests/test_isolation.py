@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,9 +16,10 @@ import pytest
 from broker.connections import ROLE_NOT_SHARED, Connections
 from broker.connections import Settings as ConnectionSettings
 from broker.emulator import CUSTOMER_ACCOUNT, Identity, LocalAws
-from broker.errors import VerificationFailed
-from broker.models import Check, Connection, Status
+from broker.errors import RoleNotAssumable, VerificationFailed
+from broker.models import Check, Connection, Credentials, Status
 from broker.store import open_store
+from broker.trust import allows
 from broker.v1 import broker_pb2 as pb
 from tests.conftest import Running, StsLog, connect, settings_for, start_broker
 from tests.test_verify import make_role, pending, trusting, verify_fails
@@ -341,3 +344,157 @@ async def test_two_replicas_verifying_one_role_for_two_tenants_cannot_both_win(
     assert not next(c for c in stored.checks if c.name == ROLE_NOT_SHARED).passed
     for store in stores:
         await store.close()
+
+
+async def test_a_stream_joining_a_read_begun_before_a_disconnect_gets_nothing(
+    running: Running, local_aws: LocalAws, tenant: str
+) -> None:
+    """A new stream for a run whose mint is confirming (its store read slowed to 0.15 s, under
+    BROKER_STORE_READ_TIMEOUT) while a Disconnect is acknowledged: the stream joins reads and a
+    mint that began before the Disconnect, and must still send nothing but the refusal."""
+    await connect(running, local_aws, tenant)
+    store = running.broker.store
+    real_get = store.get
+    armed = asyncio.Event()
+    reading = asyncio.Event()
+
+    async def slow_get(tenant_id: str) -> Any:
+        row = await real_get(tenant_id)
+        if armed.is_set():
+            armed.clear()
+            reading.set()
+            await asyncio.sleep(0.15)
+        return row
+
+    store.get = slow_get  # type: ignore[method-assign]
+    local_aws.sts.latency = 1.5
+    issuing = asyncio.ensure_future(
+        running.stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="r"))
+    )
+    await asyncio.sleep(1.2)
+    armed.set()  # the next read is the mint's, after AssumeRole
+    await reading.wait()
+    stream = running.stub.WatchCredentials(pb.WatchCredentialsRequest(tenant_id=tenant, run_id="r"))
+    first = asyncio.ensure_future(stream.read())
+    await asyncio.sleep(0.03)
+    await running.stub.Disconnect(pb.DisconnectRequest(tenant_id=tenant))
+    assert await code_of(first) == grpc.StatusCode.FAILED_PRECONDITION
+    assert await code_of(issuing) == grpc.StatusCode.FAILED_PRECONDITION
+    assert len(running.broker.hub) == 0
+
+
+async def test_a_role_change_while_credentials_are_minted_is_retried_not_refused(
+    running: Running, local_aws: LocalAws, tenant: str
+) -> None:
+    """VerifyRole moves the tenant to a second role while a run's credentials are being
+    minted under the first: the call and the stream get credentials of the new role (the
+    broker reads the grant again), never a refusal a launcher would take as final."""
+    connection = await connect(running, local_aws, tenant)
+    condition = {"StringEquals": {"sts:ExternalId": connection.external_id}}
+    second = make_role(
+        local_aws, f"second-{tenant}", trusting(connection.trusted_principal_arn, condition)
+    )
+    local_aws.sts.latency = 1.0
+    verifying = asyncio.ensure_future(
+        running.stub.VerifyRole(pb.VerifyRoleRequest(tenant_id=tenant, role_arn=second))
+    )
+    await asyncio.sleep(2.6)  # the probes take about 3 s; a run asks meanwhile
+    issuing = asyncio.ensure_future(
+        running.stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="r"))
+    )
+    stream = running.stub.WatchCredentials(pb.WatchCredentialsRequest(tenant_id=tenant, run_id="w"))
+    watching = asyncio.ensure_future(stream.read())
+    assert (await verifying).connection.role_arn == second
+    role_name = second.rsplit("/", 1)[1]
+    issued = await issuing
+    assert f"assumed-role/{role_name}/" in issued.credentials.assumed_role_arn
+    watched = await watching
+    assert f"assumed-role/{role_name}/" in watched.credentials.assumed_role_arn
+    stream.cancel()
+
+
+async def test_a_change_heard_during_a_recheck_of_the_same_tenant_is_not_lost(
+    postgres_url: str,
+    local_aws: LocalAws,
+    tenant: str,
+    template_url: str,
+    broker_identity: Identity,
+) -> None:
+    """B re-checks a tenant slowly (its store answers in 0.5 s) after a first change; A's
+    Disconnect is heard during that re-check. B must re-check once more and end its stream,
+    not wait for the periodic pass."""
+    settings = settings_for(postgres_url, local_aws, template_url)
+    async with (
+        start_broker(settings, broker_identity) as a,
+        start_broker(settings, broker_identity) as b,
+    ):
+        await connect(a, local_aws, tenant)
+        stream = b.stub.WatchCredentials(pb.WatchCredentialsRequest(tenant_id=tenant, run_id="r"))
+        await stream.read()
+        store = b.broker.store
+        real_get = store.get
+
+        async def slow_get(tenant_id: str) -> Any:
+            row = await real_get(tenant_id)
+            await asyncio.sleep(0.5)
+            return row
+
+        store.get = slow_get  # type: ignore[method-assign]
+        with pytest.raises(grpc.aio.AioRpcError):  # a checks-only change B hears of
+            await a.stub.VerifyRole(
+                pb.VerifyRoleRequest(
+                    tenant_id=tenant, role_arn=f"arn:aws:iam::{CUSTOMER_ACCOUNT}:role/not-there"
+                )
+            )
+        await asyncio.sleep(0.1)
+        await a.stub.Disconnect(pb.DisconnectRequest(tenant_id=tenant))  # during B's re-check
+        store.get = real_get  # type: ignore[method-assign]
+        assert await code_of(asyncio.wait_for(stream.read(), 3)) == (
+            grpc.StatusCode.FAILED_PRECONDITION
+        )
+
+
+class _StsThatEvaluatesButNoGetRole:
+    """STS answering as the trust policy says (the evaluator the emulator uses); IAM refusing
+    iam:GetRole, as for a role whose own permissions lack it."""
+
+    def __init__(self, principal: str) -> None:
+        self.principal = principal
+        self.document: dict[str, Any] = {}
+
+    async def assume_role(self, request: Any) -> Credentials:
+        context = {"sts:ExternalId": request.external_id, "sts:SourceIdentity": None}
+        if not allows(self.document, self.principal, "sts:AssumeRole", context):
+            raise RoleNotAssumable("AccessDenied: not authorized", code="AccessDenied")
+        now = datetime.now(UTC)
+        session = "arn:aws:sts::222222222222:assumed-role/r/x"
+        return Credentials("ASIA0", "secret", "token", now + timedelta(hours=1), session, now)
+
+    async def read_trust_policy(self, credentials: Credentials, role_arn: str) -> dict[str, Any]:
+        raise RoleNotAssumable("AccessDenied: iam:GetRole", code="AccessDenied")
+
+
+async def test_a_trust_policy_that_cannot_be_read_does_not_pass(tmp_path: Path) -> None:
+    """`Principal: "*"` with exactly the tenant's external ID passes every probe (only we
+    probe); if the role may not read its own trust policy, nothing shows the wildcard, so the
+    read-back check fails and the connection stays PENDING, saying how to fix it."""
+    store = await open_store(f"sqlite:///{tmp_path / 'broker.db'}")
+    principal = "arn:aws:iam::111111111111:role/broker"
+    aws = _StsThatEvaluatesButNoGetRole(principal)
+    settings = ConnectionSettings("https://t.example", principal, "us-east-1", 3600, (), 0.0)
+    connections = Connections(store, aws, settings)  # type: ignore[arg-type]
+    created = await connections.create("victim", "", "test")
+    aws.document = {
+        "Version": "2012-10-17",
+        "Statement": [
+            trusting("*", {"StringEquals": {"sts:ExternalId": created.external_id}}),
+        ],
+    }
+    with pytest.raises(VerificationFailed) as failed:
+        await connections.verify("victim", "arn:aws:iam::222222222222:role/r", 30, "test")
+    assert [name for name, _ in failed.value.failed] == ["trust_policy_requires_external_id"]
+    assert "iam:GetRole" in failed.value.failed[0][1]
+    stored = await store.get("victim")
+    assert stored is not None
+    assert stored.status is Status.PENDING
+    await store.close()

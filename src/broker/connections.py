@@ -23,6 +23,8 @@ from broker.credentials import run_request, session_policy_arns
 from broker.errors import (
     Aborted,
     AlreadyExists,
+    BrokerError,
+    GrantChanged,
     NotActive,
     NotFound,
     RoleNotAssumable,
@@ -31,6 +33,7 @@ from broker.errors import (
 )
 from broker.models import Check, Connection, Credentials, Event, Grant, Status
 from broker.store import ConnectionStore, RoleInUse, StoreConflict, StoreUnavailable
+from broker.store.rows import role_key
 from broker.template import quick_create_url, stack_name
 from broker.trust import admits_only
 
@@ -40,6 +43,7 @@ EXTERNAL_ID_BYTES = 24  # 192 bits from `secrets`; DESIGN.md asks for at least 1
 VERIFY_SESSION_NAME = "credential-broker-verify"
 VERIFY_PROBE_DURATION = 900  # the shortest AWS allows: a probe that wrongly succeeds expires soon
 STORE_RETRIES = 5
+CONFIRM_READS = 3  # reads of a grant after a mint, while changes keep arriving
 # How long a grant read from the store is trusted without reading it again. A change made on
 # this replica, or heard from another (TenantSync), is seen at once; this bounds how long a
 # change whose notification was lost can go unseen by IssueCredentials.
@@ -212,7 +216,7 @@ class Connections:
         staleness = self.staleness(grant.tenant_id)
         if (
             known is not None
-            and _same_role(known[0], grant)
+            and known[0] == grant.for_run("")
             and staleness is not None
             and staleness <= self.settings.grant_max_staleness
         ):
@@ -226,21 +230,27 @@ class Connections:
     async def confirm(self, grant: Grant, generation: int) -> None:
         """After a new STS session was minted for `grant`: the store is read again, so no
         session minted under a grant that a committed change ended (on any replica) is handed
-        out (NotActive). If the store cannot be read, the session is handed out only if
-        nothing was heard to change (`generation`) and the grant is within the staleness
-        bound."""
-        try:
-            connection = await self._read(grant.tenant_id)
-        except StoreUnavailable as exc:
-            staleness = self.staleness(grant.tenant_id)
-            if (
-                self.generation(grant.tenant_id) != generation
-                or staleness is None
-                or staleness > self.settings.grant_max_staleness
-            ):
-                raise self._unconfirmed(grant.tenant_id, staleness) from exc
-            return
-        self._still(grant, connection)
+        out (NotActive, or GrantChanged to retry). A read counts only if no change was made or
+        heard here while it ran (else it is made again). If the store cannot be read, the
+        session is handed out only if nothing was heard to change (`generation`) and the grant
+        is within the staleness bound."""
+        for _ in range(CONFIRM_READS):
+            before = self.generation(grant.tenant_id)
+            try:
+                connection = await self._read(grant.tenant_id)
+            except StoreUnavailable as exc:
+                staleness = self.staleness(grant.tenant_id)
+                if (
+                    self.generation(grant.tenant_id) != generation
+                    or staleness is None
+                    or staleness > self.settings.grant_max_staleness
+                ):
+                    raise self._unconfirmed(grant.tenant_id, staleness) from exc
+                return
+            if self.generation(grant.tenant_id) == before:
+                self._still(grant, connection)
+                return
+        raise GrantChanged(f"the connection of tenant {grant.tenant_id!r} kept changing; retry")
 
     def _still(self, grant: Grant, connection: Connection | None) -> None:
         """NotActive (or NotFound) unless `connection` is ACTIVE on `grant`'s role and ID."""
@@ -252,12 +262,11 @@ class Connections:
                 f"being issued; none are handed out: {exc}",
                 subject=grant.tenant_id,
             ) from None
-        if not _same_role(current, grant):
+        if current != grant.for_run(""):
             self.forget(grant.tenant_id)
-            raise NotActive(
-                f"the role of tenant {grant.tenant_id!r} changed while credentials were being "
-                "issued; none are handed out: retry",
-                subject=grant.tenant_id,
+            raise GrantChanged(
+                f"the connection of tenant {grant.tenant_id!r} changed while credentials were "
+                "being issued; none are handed out: retry"
             )
 
     def _unconfirmed(self, tenant_id: str, staleness: float | None) -> StoreUnavailable:
@@ -387,8 +396,8 @@ class Connections:
                 "account_id": role_arn.split(":")[4],
                 "verified_at": datetime.now(UTC),
             }
-        elif current.status is Status.ACTIVE and current.role_arn == role_arn:
-            changes["status"] = Status.SUSPENDED
+        elif current.status is Status.ACTIVE and role_key(current.role_arn) == role_key(role_arn):
+            changes["status"] = Status.SUSPENDED  # however the caller spelled the same role
         try:
             saved = await self._save(
                 replace(current, **changes),
@@ -428,6 +437,10 @@ class Connections:
                 extra={"tenant": tenant_id, "error": type(exc).__name__},
             )
             return None
+        except RoleInUse:
+            # Another tenant holds the role as well (rows from before role keys existed):
+            # this one cannot hold it even SUSPENDED, so it goes back to PENDING.
+            return await self._unhold(current, checks)
         except Aborted:
             return None  # the connection changed meanwhile: that change's own checks stand
         log.warning(
@@ -438,6 +451,24 @@ class Connections:
                 "failed": [c.name for c in checks if not c.passed],
             },
         )
+        return saved
+
+    async def _unhold(self, current: Connection, checks: list[Check]) -> Connection | None:
+        checks = [role_in_use(current.role_arn) if c.name == ROLE_NOT_SHARED else c for c in checks]
+        try:
+            saved = await self._save(
+                replace(current, status=Status.PENDING, checks=tuple(checks)),
+                "verification_failed",
+                RECHECK_ACTOR,
+                checks=tuple(checks),
+            )
+        except (BrokerError, StoreConflict):
+            return None
+        log.error(
+            "the role is connected to another tenant as well; this connection is PENDING",
+            extra={"tenant": current.tenant_id, "role_arn": current.role_arn},
+        )
+        self._on_suspended(current.tenant_id)
         return saved
 
     async def _run_checks(
@@ -552,11 +583,14 @@ class Connections:
         try:
             document = await self._aws.read_trust_policy(credentials, role_arn)
         except RoleNotAssumable as refused:
+            # The probes cannot see a policy that also trusts others ("*", another account)
+            # with this very external ID: only reading it can, so an unread policy fails.
             return Check(
                 TRUST_POLICY,
-                True,
-                f"not read: the role may not read itself (iam:GetRole: {refused.code}); the "
-                "probes above decided",
+                False,
+                f"not read: the role may not read its own trust policy (iam:GetRole: "
+                f"{refused.code}), so it cannot be shown to trust only the broker. Allow the "
+                "role iam:GetRole on itself (ReadOnlyAccess, which the template attaches, does).",
             )
         problem = admits_only(document, self.settings.trusted_principal_arn, connection.external_id)
         if problem:
@@ -593,10 +627,6 @@ class Connections:
             tenant_id=connection.tenant_id,
             external_id=connection.external_id,
         )
-
-
-def _same_role(known: Grant, grant: Grant) -> bool:
-    return (known.role_arn, known.external_id) == (grant.role_arn, grant.external_id)
 
 
 def role_in_use(role_arn: str) -> Check:

@@ -13,6 +13,7 @@
     │   ├── RoleNotAssumable   AWS refuses AssumeRole: role deleted, trust policy changed
     │   └── StreamEnded        the run was released or the tenant disconnected
     ├── Aborted                a concurrent change won, again and again; retry
+    │   └── GrantChanged       the tenant's connection changed while credentials were minted
     └── Unavailable            retryable: STS throttled or unreachable, shutting down
 
 `aws.py` is the one place that turns botocore errors into these; nothing else sees botocore.
@@ -107,6 +108,11 @@ class VerificationFailed(FailedPrecondition):
 
 class Aborted(BrokerError):
     """A concurrent change to the same connection kept winning; the caller may retry."""
+
+
+class GrantChanged(Aborted):
+    """The tenant's connection changed (still ACTIVE: a new role, or verified again) while
+    credentials were being minted under the old grant: read the grant again and retry."""
 
 
 class Unavailable(BrokerError):

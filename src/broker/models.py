@@ -65,7 +65,7 @@ class Grant(NamedTuple):
 
     def for_run(self, run_id: str) -> Grant:
         """The same grant, for another run of the tenant."""
-        return Grant(self.tenant_id, run_id, self.role_arn, self.external_id, self.region)
+        return self._replace(run_id=run_id)
 
 
 @dataclass(frozen=True)

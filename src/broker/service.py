@@ -31,6 +31,7 @@ from broker.errors import (
     BrokerError,
     DeadlineExceeded,
     FailedPrecondition,
+    GrantChanged,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -437,14 +438,21 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
             credentials.encoded[key] = response
         return response
 
-    async def _current(self, tenant_id: str, run_id: str) -> tuple[Grant, Credentials]:
-        """The run's grant and its credentials, with no change to the tenant's connection made
-        or heard here while they were fetched: a Disconnect or role change acknowledged while
-        STS was answering is never followed by credentials of the old grant."""
+    async def _current(
+        self, tenant_id: str, run_id: str, newer_than: str | None = None
+    ) -> tuple[Grant, Credentials]:
+        """The run's grant and its credentials (with `newer_than`, other than those), with no
+        change to the tenant's connection made or heard here while they were fetched: a
+        Disconnect or role change acknowledged while STS was answering is never followed by
+        credentials of the old grant. Fetched again when it moved, or when the grant changed
+        under a mint (GrantChanged)."""
         for _ in range(STALE_GRANT_RETRIES):
             generation = self._connections.generation(tenant_id)
             grant = await self._connections.grant(tenant_id, run_id)
-            credentials = await self._cache.get(grant)
+            try:
+                credentials = await self._cache.get(grant, newer_than=newer_than)
+            except GrantChanged:
+                continue
             if self._connections.generation(tenant_id) == generation:
                 return grant, credentials
         raise Aborted(f"the connection of tenant {tenant_id!r} kept changing; retry")
@@ -455,15 +463,14 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
     ) -> AsyncIterator[pb.WatchCredentialsResponse]:
         tenant_id = validation.field("tenant_id", request.tenant_id)
         run_id = validation.field("run_id", request.run_id)
-        grant = await self._connections.grant(tenant_id, run_id)
-        subscription = self._hub.subscribe(grant.key)
+        # Subscribed before the grant is first read, so a Disconnect or role change from here
+        # on reaches this stream (ends or wakes it) whatever it is waiting for.
+        subscription = self._hub.subscribe((tenant_id, run_id))
         renewal = False  # the first message is the current credentials; later ones renew them
         try:
-            async for credentials in watch(
+            async for grant, credentials in watch(
                 subscription,
-                grant,
-                lambda: self._connections.grant(tenant_id, run_id),
-                self._cache,
+                lambda newer_than: self._current(tenant_id, run_id, newer_than),
                 refresh_margin=self._refresh_margin,
             ):
                 yield pb.WatchCredentialsResponse(

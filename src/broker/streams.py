@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from broker.cache import CredentialCache, refresh_point
+from broker.cache import refresh_point
 from broker.errors import BrokerError, TransientAwsError, Unavailable
 from broker.models import Credentials, Grant
 
@@ -125,36 +125,32 @@ class StreamHub:
 
 async def watch(
     subscription: Subscription,
-    grant: Grant,
-    load_grant: Callable[[], Awaitable[Grant]],
-    cache: CredentialCache,
+    fetch: Callable[[str | None], Awaitable[tuple[Grant, Credentials]]],
     *,
     refresh_margin: float,
     clock: Callable[[], float] = time.time,
     rng: random.Random | None = None,
-) -> AsyncIterator[Credentials]:
-    """Yield the credentials of `grant` now, then new ones before each refresh point (reading
-    the grant again each time with `load_grant`), until the subscription is ended. Transient STS
+) -> AsyncIterator[tuple[Grant, Credentials]]:
+    """Yield the run's grant and credentials now, then new ones before each refresh point,
+    until the subscription is ended. `fetch(newer_than)` reads the grant and gets its
+    credentials (other than the access key `newer_than`, renewing if need be). Transient STS
     errors are retried while the held credentials are valid; they end the stream
-    (UNAVAILABLE) only once those have expired."""
+    (UNAVAILABLE) only once those have expired. Nothing fetched while the hub woke or ended
+    the stream (a Disconnect, a role change) is sent: it is fetched again, or the stream ends."""
     rng = rng or random.Random()  # noqa: S311 - jitter, not security
-    held = await cache.get(grant)
-    # Ended (Disconnect, Release) or woken (role changed) while STS answered: the first
-    # credentials were fetched under a grant that may no longer stand.
-    while subscription.woken():
-        grant = await load_grant()
-        held = await cache.get(grant)
+    grant, held = await fetch(None)
+    while subscription.woken():  # raises the error that ended it
+        grant, held = await fetch(None)
     subscription.grant = grant
-    yield held
+    yield grant, held
     backoff = RETRY_BACKOFF_START
     delay = _renewal_delay(held, refresh_margin, clock(), rng)
     woken_meanwhile = False
     while True:
         woken = await subscription.sleep(delay) or woken_meanwhile
         woken_meanwhile = False
-        grant = await load_grant()
         try:
-            fresh = await cache.get(grant, newer_than=None if woken else held.access_key_id)
+            grant, fresh = await fetch(None if woken else held.access_key_id)
         except TransientAwsError:
             remaining = held.expiration.timestamp() - clock()
             if remaining <= 0:
@@ -172,7 +168,7 @@ async def watch(
         subscription.grant = grant
         if fresh.access_key_id != held.access_key_id:
             held = fresh
-            yield held
+            yield grant, held
         delay = _renewal_delay(held, refresh_margin, clock(), rng)
 
 

@@ -49,17 +49,27 @@ class TenantSync:
         self._forget = forget  # drops a tenant's grant remembered by Connections
         self._metrics = metrics
         self._pending: dict[str, asyncio.Task[None]] = {}
+        # Tenants changed again while their re-check was under way: re-checked once more.
+        self._again: set[str] = set()
 
     def on_change(self, tenant_id: str) -> None:
         """A replica changed the tenant: its grant is read again by the next call, and what is
         held for it is re-checked (soon, once)."""
         self._forget(tenant_id)
-        if tenant_id not in self._pending:
-            task = asyncio.create_task(
-                self.recheck(tenant_id, "change"), name=f"recheck:{tenant_id}"
-            )
-            self._pending[tenant_id] = task
-            task.add_done_callback(lambda _: self._pending.pop(tenant_id, None))
+        if tenant_id in self._pending:
+            # The re-check under way may have read the store before this change: run it again
+            # once it is done.
+            self._again.add(tenant_id)
+            return
+        task = asyncio.create_task(self.recheck(tenant_id, "change"), name=f"recheck:{tenant_id}")
+        self._pending[tenant_id] = task
+        task.add_done_callback(lambda _: self._rechecked(tenant_id))
+
+    def _rechecked(self, tenant_id: str) -> None:
+        self._pending.pop(tenant_id, None)
+        if tenant_id in self._again:
+            self._again.discard(tenant_id)
+            self.on_change(tenant_id)
 
     def on_missed(self) -> None:
         """Notifications may have been lost: re-check every tenant held."""
