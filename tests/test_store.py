@@ -185,8 +185,9 @@ async def _schema_2_with(database_url: str, rows: list[Connection]) -> None:
 
 async def test_rows_from_before_role_keys_get_theirs(database_url: str) -> None:
     """Migrating a store that holds ACTIVE connections: each gets its role key, so the role is
-    held from then on; two tenants who already shared a role stay as they were (and the log
-    says so) rather than the migration failing."""
+    held from then on; of two tenants who already shared a role (only an older broker let
+    that happen) one goes back to PENDING, and the log says so, rather than the migration
+    failing or both staying ACTIVE."""
     rows = [
         holding("before", ROLE),
         holding("shared-1", "arn:aws:iam::222222222222:role/shared"),
@@ -200,10 +201,33 @@ async def test_rows_from_before_role_keys_get_theirs(database_url: str) -> None:
         "shared-1",
         "shared-2",
     }
-    assert "two tenants hold one role" in log.getvalue()
+    assert "two tenants held one role" in log.getvalue()
+    shared = [await store.get(t) for t in ("shared-1", "shared-2")]
+    statuses = sorted(c.status.value for c in shared if c is not None)
+    assert statuses == ["ACTIVE", "PENDING"], "the one met second holds it no more"
     newcomer = await store.save(pending("newcomer", "n" * 32), new_external_id=True)
     with pytest.raises(RoleInUse):
         await store.save(
             replace(newcomer, status=Status.ACTIVE, role_arn=ROLE), new_external_id=False
         )
+    await store.close()
+
+
+async def test_a_writer_that_knows_no_role_keys_cannot_take_a_held_role(postgres_url: str) -> None:
+    """Mid rolling upgrade, a replica of an older version activates a role with an UPDATE that
+    sets no role_key: PostgreSQL computes the key itself and refuses the second holder."""
+    store = await open_store(postgres_url)
+    await store.save(holding("holder", ROLE), new_external_id=True)
+    await store.save(pending("old-writer", "o" * 32), new_external_id=True)
+    db = await asyncpg.connect(postgres_url)
+    try:
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await db.execute(
+                "UPDATE connections SET status = 'ACTIVE', role_arn = $1 WHERE tenant_id = $2",
+                ROLE.replace("credential-broker-acme", "Credential-Broker-ACME"),
+                "old-writer",
+            )
+    finally:
+        await db.close()
+    assert (await store.get("old-writer")).status is Status.PENDING  # type: ignore[union-attr]
     await store.close()

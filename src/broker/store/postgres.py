@@ -88,6 +88,22 @@ MIGRATIONS = (
     CREATE UNIQUE INDEX connections_role_held_once ON connections (role_key)
         WHERE role_key <> '' AND status IN ('ACTIVE', 'SUSPENDED');
     """,
+    # The database keeps role_key right whoever writes the row, so a replica still on an older
+    # version (mid rolling upgrade) that knows nothing of role keys cannot activate a role
+    # another tenant holds. The same rule as rows.role_key.
+    """
+    CREATE FUNCTION broker_role_key() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        NEW.role_key := CASE
+            WHEN NEW.role_arn ~ '^arn:[^:]+:iam::[0-9]+:role/' THEN
+                split_part(NEW.role_arn, ':', 2) || ':' || split_part(NEW.role_arn, ':', 5)
+                || ':' || lower(regexp_replace(NEW.role_arn, '^.*/', ''))
+            ELSE '' END;
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER connections_role_key BEFORE INSERT OR UPDATE ON connections
+        FOR EACH ROW EXECUTE FUNCTION broker_role_key();
+    """,
 )
 ROLE_INDEX = "connections_role_held_once"
 
@@ -362,8 +378,9 @@ async def migrate(pool: asyncpg.Pool) -> int:
 
 
 async def _backfill_role_keys(db: Any) -> None:
-    """Give rows stored before role keys existed theirs. Two tenants holding one role from
-    before are left as they are, and logged: one of them must disconnect."""
+    """Give rows stored before role keys existed theirs. Where two tenants held one role from
+    before (something only an older broker let happen), the one met second no longer holds it:
+    it goes back to PENDING and must verify again, and the log names it."""
     rows = await db.fetch(
         "SELECT tenant_id, role_arn FROM connections WHERE role_key = '' AND role_arn <> ''"
     )
@@ -376,7 +393,12 @@ async def _backfill_role_keys(db: Any) -> None:
                     tenant_id,
                 )
         except asyncpg.UniqueViolationError:
+            await db.execute(
+                "UPDATE connections SET status = 'PENDING', version = version + 1 "
+                "WHERE tenant_id = $1",
+                tenant_id,
+            )
             log.error(
-                "two tenants hold one role; disconnect one of them",
+                "two tenants held one role; this one is PENDING now and must verify again",
                 extra={"tenant": tenant_id, "role_arn": role_arn},
             )

@@ -168,8 +168,9 @@ def _open(path: str) -> sqlite3.Connection:
 
 
 def _backfill_role_keys(db: sqlite3.Connection) -> None:
-    """Give rows stored before role keys existed theirs. Two tenants holding one role from
-    before are left as they are, and logged: one of them must disconnect."""
+    """Give rows stored before role keys existed theirs. Where two tenants held one role from
+    before (something only an older broker let happen), the one met second no longer holds it:
+    it goes back to PENDING and must verify again, and the log names it."""
     rows = db.execute(
         "SELECT tenant_id, role_arn FROM connections WHERE role_key = '' AND role_arn <> ''"
     ).fetchall()
@@ -180,8 +181,13 @@ def _backfill_role_keys(db: sqlite3.Connection) -> None:
                 (role_key(role_arn), tenant_id),
             )
         except sqlite3.IntegrityError:
+            db.execute(
+                "UPDATE connections SET status = 'PENDING', version = version + 1, role_key = ? "
+                "WHERE tenant_id = ?",
+                (role_key(role_arn), tenant_id),
+            )
             log.error(
-                "two tenants hold one role; disconnect one of them",
+                "two tenants held one role; this one is PENDING now and must verify again",
                 extra={"tenant": tenant_id, "role_arn": role_arn},
             )
 
