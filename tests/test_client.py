@@ -276,3 +276,25 @@ async def test_a_watch_holding_valid_credentials_waits_for_the_broker_until_they
     assert waited > 1.5, "not given up after the 1 s budget while credentials were valid"
     assert renewals[-1].expiration <= gave_up, "given up only once they expired"
     assert (gave_up - renewals[-1].expiration).total_seconds() < 2.5, "and soon after"
+
+
+async def test_a_plaintext_client_never_goes_through_an_http_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gRPC honours http(s)_proxy / grpc_proxy even for a loopback target: the token and the
+    credentials would cross the proxy in plaintext. A client without TLS ignores them."""
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen(1)
+    proxy.settimeout(0.2)
+    url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+    for name in ("https_proxy", "http_proxy", "grpc_proxy"):
+        monkeypatch.setenv(name, url)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    async with BrokerClient("127.0.0.2:9", token="SECRET-TOKEN", connect_timeout=1) as client:
+        with pytest.raises(BrokerUnavailable):  # nothing listens there
+            await client.get_connection("acme")
+    with pytest.raises(TimeoutError):
+        proxy.accept()
+    proxy.close()

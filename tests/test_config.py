@@ -262,9 +262,14 @@ def test_policies_name_each_caller_in_its_namespace(pem: str, tmp_path: Path) ->
         # A token pasted where its hash belongs.
         ({"token_hashes": f"launcher={TOKEN}"}, TOKEN, "BROKER_TOKEN_HASHES=<not shown>"),
         (
+            {"database_url": "host=db user=broker password=hunter2-in-a-dsn dbname=broker"},
+            "hunter2-in-a-dsn",
+            "BROKER_DATABASE_URL=<not shown>",
+        ),
+        (
             {"database_url": "mysql://broker:hunter2-database-password@db/broker"},
             "hunter2-database-password",
-            "BROKER_DATABASE_URL='mysql://broker:***@db/broker'",
+            "BROKER_DATABASE_URL=<not shown>",
         ),
     ],
 )
@@ -352,3 +357,27 @@ def test_the_cap_is_the_templates_max_session_duration() -> None:
     (declared,) = re.findall(r"^ +MaxSessionDuration: (\d+)$", template, re.M)
     assert int(declared) == MAX_SESSION_DURATION
     assert load_settings(session_duration=MAX_SESSION_DURATION).session_duration == 3600
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://broker:pw-in-a-bad-url@db:99999999/broker",
+        "postgresql://broker:pw-in-a-bad-url@[db/broker",
+    ],
+)
+async def test_a_database_url_that_cannot_be_parsed_stops_start_up_in_one_line(url: str) -> None:
+    from broker import server
+
+    settings = load_settings(
+        database_url=url,
+        template_url="https://t.example/t.yaml",
+        trusted_principal_arn="arn:aws:iam::111111111111:role/broker",
+        aws_endpoint_url="http://127.0.0.1:9",  # never reached: nothing is asked of AWS first
+        listen="127.0.0.1:0",
+        metrics_listen="off",
+    )
+    with pytest.raises(ConfigError) as refused:
+        await server.start(settings, static_credentials=("AKIA0", "secret"))
+    assert "BROKER_DATABASE_URL" in str(refused.value)
+    assert "pw-in-a-bad-url" not in str(refused.value)

@@ -152,25 +152,6 @@ async def test_role_that_stops_trusting_us_ends_issuance(
     assert len(running.broker.cache) == 0
 
 
-async def test_role_with_short_max_session_says_what_to_raise(
-    local_aws: LocalAws,
-    tenant: str,
-    broker_settings: dict[str, Any],
-    broker_identity: Identity,
-) -> None:
-    overrides = broker_settings | {"session_duration": 7200}
-    async with start_broker(overrides, broker_identity) as running:
-        connection = await pending(running, tenant)
-        condition = {"StringEquals": {"sts:ExternalId": connection.external_id}}
-        role = make_role(
-            local_aws, f"short-{tenant}", trusting(connection.trusted_principal_arn, condition)
-        )
-        result = await verify_fails(running, tenant, role)
-    detail = result["violations"]["assume_with_external_id"]
-    assert "MaxSessionDuration" in detail
-    assert "7200" in detail
-
-
 async def test_role_created_seconds_ago_is_retried_until_iam_propagates(
     local_aws: LocalAws,
     tenant: str,

@@ -275,6 +275,10 @@ class BrokerClient:
     ) -> None:
         check_transport(target, tls)
         options = [("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 1)]
+        if tls is None:
+            # Plaintext is allowed to loopback only: never through an HTTP proxy that
+            # http(s)_proxy / grpc_proxy would otherwise send the token and credentials to.
+            options.append(("grpc.enable_http_proxy", 0))
         self._channel = (
             grpc.aio.secure_channel(target, tls.credentials(), options=options)
             if tls

@@ -6,7 +6,6 @@ No other module reads the environment; constructors take the pieces of `Settings
 from __future__ import annotations
 
 import ipaddress
-import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -473,16 +472,13 @@ def load_settings(**overrides: object) -> Settings:
 
 
 # Settings whose value may hold a secret by mistake (a token pasted where its hash belongs) or
-# by design (a database password): an error names them without repeating the value.
-_NOT_REPEATED = frozenset({"token_hashes"})
+# by design (a database password, in any of the forms a URL or a DSN takes): an error names
+# them without repeating the value.
+_NOT_REPEATED = frozenset({"token_hashes", "database_url"})
 
 
 def _shown(setting: object, value: object) -> str:
-    if setting in _NOT_REPEATED:
-        return "<not shown>"
-    if setting == "database_url" and isinstance(value, str):
-        return repr(re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", value))
-    return repr(value)
+    return "<not shown>" if setting in _NOT_REPEATED else repr(value)
 
 
 def describe_settings() -> str:

@@ -156,6 +156,11 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
     except BrokerError as exc:
         await aws.close()
         raise ConfigError(f"BROKER_DATABASE_URL: cannot open the store ({exc})") from None
+    except (ValueError, OverflowError) as exc:  # a URL asyncpg cannot parse (port, brackets)
+        await aws.close()
+        raise ConfigError(
+            f"BROKER_DATABASE_URL is not a database URL asyncpg can use ({type(exc).__name__})"
+        ) from None
     hub = StreamHub()
 
     def role_changed(tenant_id: str) -> None:
