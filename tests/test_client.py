@@ -298,3 +298,43 @@ async def test_a_plaintext_client_never_goes_through_an_http_proxy(
     with pytest.raises(TimeoutError):
         proxy.accept()
     proxy.close()
+
+
+async def test_a_call_the_server_cancelled_is_made_again() -> None:
+    """A replica that stops accepting can cancel a call that reached it in that instant (gRPC
+    core answers CANCELLED): IssueCredentials, idempotent, is made again and answered."""
+    answered: list[str] = []
+
+    async def issue(request: pb.IssueCredentialsRequest, context: Any) -> Any:
+        answered.append(request.run_id)
+        if len(answered) == 1:
+            await context.abort(grpc.StatusCode.CANCELLED, "the server is stopping")
+        expiration = datetime.now(UTC).replace(microsecond=0)
+        response = pb.IssueCredentialsResponse(
+            credentials=pb.Credentials(access_key_id="ASIA0", region="eu-west-2")
+        )
+        response.credentials.expiration.FromDatetime(expiration)
+        return response
+
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(
+        issue,
+        request_deserializer=pb.IssueCredentialsRequest.FromString,
+        response_serializer=pb.IssueCredentialsResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "broker.v1.CredentialBroker", {"IssueCredentials": handler}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with BrokerClient(f"127.0.0.1:{port}", connect_timeout=5) as client:
+            credentials = await client.issue_credentials("acme", "run-1")
+    finally:
+        await server.stop(0)
+    assert credentials.access_key_id == "ASIA0"
+    assert answered == ["run-1", "run-1"]

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 # Codes after which a call is made (a stream opened) again, on this or another replica, while
 # the connect budget lasts: the replica went away, was busy, or the call was cut short.
+# CANCELLED is among them: this client's own cancellations never come back as a status, so
+# one that does was the server's, e.g. gRPC core cancelling a call that reached a replica in
+# the instant it stopped accepting (docs/reliability.md); the calls retried are idempotent.
 # FAILED_PRECONDITION (run released, tenant disconnected) and the caller's own errors end it.
 RECONNECT_CODES = frozenset(
     {
@@ -57,6 +60,7 @@ RECONNECT_CODES = frozenset(
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
     }
 )
 DEFAULT_CONNECT_TIMEOUT = 10.0
