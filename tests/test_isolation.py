@@ -220,21 +220,29 @@ async def test_a_disconnect_wins_over_credentials_being_minted(
     WatchCredentials whose AssumeRole was under way get FAILED_PRECONDITION, not fresh keys,
     and nothing is cached."""
     await connect(running, local_aws, tenant)
+    await disconnect_while_minting(running, running, local_aws, tenant)
+    assert len(running.broker.cache) == 0
+
+
+async def disconnect_while_minting(
+    minting: Running, disconnecting: Running, local_aws: LocalAws, tenant: str
+) -> None:
+    """STS slowed to 1.5 s: `minting` is asked for a new run's credentials and a new stream;
+    `disconnecting` disconnects the tenant meanwhile. Both must be refused, soon after."""
     local_aws.sts.latency = 1.5
     issuing = asyncio.ensure_future(
-        running.stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="new"))
+        minting.stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="new"))
     )
-    stream = running.stub.WatchCredentials(
+    stream = minting.stub.WatchCredentials(
         pb.WatchCredentialsRequest(tenant_id=tenant, run_id="watched")
     )
     watching = asyncio.ensure_future(stream.read())
     await asyncio.sleep(0.3)
-    await running.stub.Disconnect(pb.DisconnectRequest(tenant_id=tenant))
+    await disconnecting.stub.Disconnect(pb.DisconnectRequest(tenant_id=tenant))
     acknowledged = time.monotonic()
     assert await code_of(issuing) == grpc.StatusCode.FAILED_PRECONDITION
     assert await code_of(watching) == grpc.StatusCode.FAILED_PRECONDITION
     assert time.monotonic() - acknowledged < 3
-    assert len(running.broker.cache) == 0
 
 
 async def test_a_disconnect_on_another_replica_wins_over_credentials_being_minted(
@@ -254,20 +262,7 @@ async def test_a_disconnect_on_another_replica_wins_over_credentials_being_minte
     ):
         await connect(a, local_aws, tenant)
         await b.stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="warm"))
-        local_aws.sts.latency = 1.5
-        issuing = asyncio.ensure_future(
-            b.stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="new"))
-        )
-        stream = b.stub.WatchCredentials(
-            pb.WatchCredentialsRequest(tenant_id=tenant, run_id="watched")
-        )
-        watching = asyncio.ensure_future(stream.read())
-        await asyncio.sleep(0.3)
-        await a.stub.Disconnect(pb.DisconnectRequest(tenant_id=tenant))
-        acknowledged = time.monotonic()
-        assert await code_of(issuing) == grpc.StatusCode.FAILED_PRECONDITION
-        assert await code_of(watching) == grpc.StatusCode.FAILED_PRECONDITION
-        assert time.monotonic() - acknowledged < 3
+        await disconnect_while_minting(b, a, local_aws, tenant)
 
 
 async def test_concurrent_verifications_of_one_connection_one_wins_the_other_is_aborted(
