@@ -7,6 +7,7 @@ that is not (or no longer) connected, unknown, or a broker that cannot be reache
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -28,8 +29,9 @@ from broker.client import (
     TenantDisconnected,
     TenantNotActive,
     TenantNotFound,
+    TenantSuspended,
 )
-from broker.emulator import Identity, LocalAws
+from broker.emulator import CUSTOMER_ACCOUNT, Identity, LocalAws
 from broker.v1 import broker_pb2 as pb
 from tests.certs import Authority
 from tests.conftest import connect, settings_for, start_broker
@@ -338,3 +340,38 @@ async def test_a_call_the_server_cancelled_is_made_again() -> None:
         await server.stop(0)
     assert credentials.access_key_id == "ASIA0"
     assert answered == ["run-1", "run-1"]
+
+
+async def test_the_watch_reads_the_brokers_reasons(
+    local_aws: LocalAws, broker_identity: Identity, template_url: str, tmp_path: Path
+) -> None:
+    """The broker says why a stream ended (google.rpc.ErrorInfo): a run whose id is its
+    tenant's id ends normally when released (before, indistinguishable from a disconnect), and
+    a suspension is told from a disconnect."""
+    settings = settings_for(f"sqlite:///{tmp_path / 'b.db'}", local_aws, template_url)
+    async with start_broker(settings | {"reverify_interval": 0.5}, broker_identity) as running:
+        connection = await connect(running, local_aws, "acme")
+        async with BrokerClient(running.address, connect_timeout=5) as client:
+            same_name = client.watch_credentials("acme", "acme")
+            await anext(same_name)
+            await client.release_credentials("acme", "acme")
+            with pytest.raises(StopAsyncIteration):
+                await asyncio.wait_for(anext(same_name), timeout=10)
+
+            suspended = client.watch_credentials("acme", "r")
+            await anext(suspended)
+            loose = {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Principal": {"AWS": connection.trusted_principal_arn},
+                        "Action": ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"],
+                    }
+                ],
+            }
+            local_aws.client("iam", CUSTOMER_ACCOUNT).update_assume_role_policy(
+                RoleName=connection.role_arn.rsplit("/", 1)[1], PolicyDocument=json.dumps(loose)
+            )
+            with pytest.raises(TenantSuspended, match="suspended"):
+                await asyncio.wait_for(anext(suspended), timeout=10)

@@ -5,23 +5,27 @@ async with BrokerClient("broker.internal:50051", tls=ClientTls(...)) as broker:
     async for credentials in broker.watch_credentials("acme", "run-42"):
         ...  # new credentials before each expiry, across broker restarts; ends when released
 
-Every failure is a `BrokerClientError`, told apart by the broker's rich status (code and
-google.rpc.PreconditionFailure violation type), never by its message text. `str()` is one
-line, safe to show (the broker's own message, which never holds a secret):
+Every failure is a `BrokerClientError`, told apart by the broker's rich status (code, the
+google.rpc.ErrorInfo reason where the broker gives one, else the PreconditionFailure violation
+type), never by its message text. `str()` is one line, safe to show (the broker's own message,
+which never holds a secret):
 
     BrokerClientError            the broker failed the call in a way not listed below (INTERNAL…)
     ├── Refused                  permanent: the same call fails again; do not retry
     │   ├── TenantNotActive      the tenant's connection is not ACTIVE (PENDING, SUSPENDED,
     │   │   │                    DISCONNECTED): CONNECTION_NOT_ACTIVE
     │   │   └── TenantDisconnected   a watch was ended for the tenant while it ran (disconnected,
-    │   │                        or suspended): STREAM_ENDED naming the tenant
+    │   │       │                or suspended): TENANT_DISCONNECTED, or STREAM_ENDED naming it
+    │   │       └── TenantSuspended  … because its role stopped passing verification:
+    │   │                        CONNECTION_SUSPENDED
     │   ├── TenantNotFound       no connection for the tenant (NOT_FOUND)
     │   ├── PermissionDenied     this caller may not (PERMISSION_DENIED, UNAUTHENTICATED)
     │   ├── RoleNotAssumable     AWS refuses the customer's role (ROLE_NOT_ASSUMABLE)
     │   └── InvalidRequest       a malformed tenant or run id (INVALID_ARGUMENT)
     └── BrokerUnavailable        not reached, or UNAVAILABLE, for `connect_timeout` seconds
 
-A release of the run (STREAM_ENDED naming the run) is no error: the watch just ends.
+A release of the run (RUN_RELEASED, or from an older broker STREAM_ENDED naming the run) is no
+error: the watch just ends.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ RECONNECT_CODES = frozenset(
 DEFAULT_CONNECT_TIMEOUT = 10.0
 MAX_MESSAGE = 1000  # characters of the broker's message kept in an error's one line
 
+ERROR_DOMAIN = "broker.v1"  # google.rpc.ErrorInfo.domain of the broker's reasons
 # PreconditionFailure violation types the broker sends (broker/errors.py).
 STREAM_ENDED = "STREAM_ENDED"
 CONNECTION_NOT_ACTIVE = "CONNECTION_NOT_ACTIVE"
@@ -109,6 +114,13 @@ class TenantDisconnected(TenantNotActive):
     kind = "the tenant's connection ended"
 
 
+class TenantSuspended(TenantDisconnected):
+    """The run's stream was ended because its tenant's role no longer passes verification; the
+    customer must fix the role and verify it again (GetConnection says what failed)."""
+
+    kind = "the tenant's connection was suspended"
+
+
 class TenantNotFound(Refused):
     kind = "unknown tenant"
 
@@ -137,6 +149,12 @@ REFUSAL_OF_CODE: dict[grpc.StatusCode, type[Refused]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAUTHENTICATED: PermissionDenied,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+}
+REFUSAL_OF_REASON: dict[str, type[Refused]] = {
+    "TENANT_DISCONNECTED": TenantDisconnected,
+    "CONNECTION_SUSPENDED": TenantSuspended,
+    "CONNECTION_NOT_ACTIVE": TenantNotActive,
+    "ROLE_NOT_ASSUMABLE": RoleNotAssumable,
 }
 REFUSAL_OF_VIOLATION: dict[str, type[Refused]] = {
     STREAM_ENDED: TenantDisconnected,
@@ -170,13 +188,28 @@ def _rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
     return status
 
 
+def _reason(status: status_pb2.Status | None) -> tuple[str, dict[str, str]] | None:
+    """The broker's google.rpc.ErrorInfo (reason, metadata) in the rich status, if any."""
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            if info.domain == ERROR_DOMAIN:
+                return info.reason, dict(info.metadata)
+    return None
+
+
 def is_release(error: grpc.aio.AioRpcError, tenant_id: str, run_id: str) -> bool:
-    """Whether `error` ends a watch because the run was released: STREAM_ENDED naming the run.
-    A run id equal to its tenant id cannot be told from a disconnect: not a release, so a
-    disconnect is never taken for a normal end."""
-    if error.code() != grpc.StatusCode.FAILED_PRECONDITION or run_id == tenant_id:
+    """Whether `error` ends a watch because the run was released: RUN_RELEASED for this run.
+    From a broker that gives no reason, STREAM_ENDED naming the run; there a run id equal to
+    its tenant id cannot be told from a disconnect, so it is not taken for a release."""
+    if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
         return False
-    return (STREAM_ENDED, run_id) in _violations(_rich_status(error))
+    status = _rich_status(error)
+    reason = _reason(status)
+    if reason is not None:
+        return reason[0] == "RUN_RELEASED" and reason[1].get("run_id") == run_id
+    return run_id != tenant_id and (STREAM_ENDED, run_id) in _violations(status)
 
 
 def translate(error: grpc.aio.AioRpcError) -> BrokerClientError:
@@ -190,8 +223,14 @@ def translate(error: grpc.aio.AioRpcError) -> BrokerClientError:
     elif code in REFUSAL_OF_CODE:
         kind = REFUSAL_OF_CODE[code]
     elif code == grpc.StatusCode.FAILED_PRECONDITION:
+        reason = _reason(status)
         types = [t for t, _ in _violations(status)]
-        kind = next((REFUSAL_OF_VIOLATION[t] for t in types if t in REFUSAL_OF_VIOLATION), Refused)
+        if reason is not None and reason[0] in REFUSAL_OF_REASON:
+            kind = REFUSAL_OF_REASON[reason[0]]
+        else:
+            kind = next(
+                (REFUSAL_OF_VIOLATION[t] for t in types if t in REFUSAL_OF_VIOLATION), Refused
+            )
     return kind(message, code, status)
 
 

@@ -144,6 +144,8 @@ class Connections:
                 f"the connection of tenant {tenant_id!r} is {connection.status.value}, not ACTIVE: "
                 + guidance(connection, self.settings.session_duration),
                 subject=tenant_id,
+                reason="CONNECTION_NOT_ACTIVE",
+                metadata={"tenant_id": tenant_id, "status": connection.status.value},
             )
         return Grant(tenant_id, "", connection.role_arn, connection.external_id, connection.region)
 
@@ -261,6 +263,8 @@ class Connections:
                 f"the connection of tenant {grant.tenant_id!r} changed while credentials were "
                 f"being issued; none are handed out: {exc}",
                 subject=grant.tenant_id,
+                reason=exc.reason,
+                metadata=exc.metadata,
             ) from None
         if current != grant.for_run(""):
             self.forget(grant.tenant_id)

@@ -65,11 +65,24 @@ class Violation:
 
 
 class FailedPrecondition(BrokerError):
+    """`reason` (with `metadata`), when set, goes out as a google.rpc.ErrorInfo beside the
+    PreconditionFailure: the machine-readable why (e.g. RUN_RELEASED, TENANT_DISCONNECTED),
+    for clients that must tell a normal end from a refusal."""
+
     violation_type = "CONNECTION"
 
-    def __init__(self, message: str, subject: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        subject: str = "",
+        *,
+        reason: str = "",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.subject = subject
+        self.reason = reason
+        self.metadata = metadata or {}
 
     @property
     def violations(self) -> list[Violation]:
@@ -86,7 +99,7 @@ class RoleNotAssumable(FailedPrecondition):
     violation_type = "ROLE_NOT_ASSUMABLE"
 
     def __init__(self, message: str, subject: str = "", code: str = "") -> None:
-        super().__init__(message, subject)
+        super().__init__(message, subject, reason="ROLE_NOT_ASSUMABLE")
         self.code = code
 
 

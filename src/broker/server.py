@@ -169,7 +169,15 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
 
     def disconnected(tenant_id: str) -> None:
         cache.evict_tenant(tenant_id)
-        hub.end_tenant(tenant_id, StreamEnded(f"tenant {tenant_id!r} was disconnected", tenant_id))
+        hub.end_tenant(
+            tenant_id,
+            StreamEnded(
+                f"tenant {tenant_id!r} was disconnected",
+                tenant_id,
+                reason="TENANT_DISCONNECTED",
+                metadata={"tenant_id": tenant_id},
+            ),
+        )
 
     def suspended(tenant_id: str) -> None:
         cache.evict_tenant(tenant_id)
@@ -179,6 +187,8 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
                 f"the connection of tenant {tenant_id!r} was suspended: its role no longer "
                 "passes verification (GetConnection says why)",
                 tenant_id,
+                reason="CONNECTION_SUSPENDED",
+                metadata={"tenant_id": tenant_id},
             ),
         )
 

@@ -63,6 +63,7 @@ STATUS_OF: tuple[tuple[type[BrokerError], grpc.StatusCode], ...] = (
 )
 
 MAX_EVENTS = 100
+ERROR_DOMAIN = "broker.v1"  # google.rpc.ErrorInfo.domain of every reason the broker gives
 STALE_GRANT_RETRIES = 3
 
 STATUS_PB = {
@@ -89,6 +90,12 @@ def status_for(error: BrokerError) -> grpc.Status:
         for v in error.violations:
             failure.violations.add(type=v.type, subject=v.subject, description=v.description)
         details.append(failure)
+        if error.reason:
+            details.append(
+                error_details_pb2.ErrorInfo(
+                    reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+                )
+            )
     packed = []
     for detail in details:
         holder = any_pb2.Any()
@@ -489,9 +496,13 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         tenant_id = validation.field("tenant_id", request.tenant_id)
         run_id = validation.field("run_id", request.run_id)
         self._cache.release(tenant_id, run_id)
-        self._hub.end_run(
-            (tenant_id, run_id), StreamEnded(f"run {run_id!r} was released", subject=run_id)
+        released = StreamEnded(
+            f"run {run_id!r} was released",
+            subject=run_id,
+            reason="RUN_RELEASED",
+            metadata={"tenant_id": tenant_id, "run_id": run_id},
         )
+        self._hub.end_run((tenant_id, run_id), released)
         return pb.ReleaseCredentialsResponse()
 
     @unary
