@@ -279,8 +279,10 @@ async def test_reconnecting_without_deleting_the_old_stack_creates_a_new_one(
     assert second.external_id != first.external_id
     assert second.stack_name == link_stack_name(second.quick_create_url) != first.stack_name
     new_role = local_aws.create_customer_stack(second.quick_create_url)
-    stacks = local_aws.client("cloudformation", CUSTOMER_ACCOUNT).describe_stacks()["Stacks"]
-    assert {first.stack_name, second.stack_name} <= {s["StackName"] for s in stacks}
+    cloudformation = local_aws.client("cloudformation", CUSTOMER_ACCOUNT)
+    for name in (first.stack_name, second.stack_name):  # by name: the account holds many
+        (stack,) = cloudformation.describe_stacks(StackName=name)["Stacks"]
+        assert stack["StackStatus"] == "CREATE_COMPLETE"
     verified = await stub.VerifyRole(pb.VerifyRoleRequest(tenant_id=tenant, role_arn=new_role))
     assert verified.connection.status == pb.CONNECTION_STATUS_ACTIVE
     assert verified.connection.stack_name == second.stack_name
