@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -53,20 +54,11 @@ class Subscription:
         return woken
 
     async def sleep(self, seconds: float) -> bool:
-        """Sleep up to `seconds`; True when woken early. Raises `ended` once set."""
-        woken = False
+        """Sleep up to `seconds`; True when woken early (`woken`). Raises `ended` once set."""
         if seconds > 0:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=seconds)
-                woken = True
-            except TimeoutError:
-                pass
-        else:
-            woken = self._wake.is_set()
-        self._wake.clear()
-        if self.ended is not None:
-            raise self.ended
-        return woken
+        return self.woken()
 
 
 class StreamHub:
