@@ -185,8 +185,8 @@ class _Call:
 
 # The forms a field is logged in as it is (one fullmatch each); anything else goes through
 # logs.untrusted. The request fields' forms are validation's own.
-_TENANT_ID = validation._FORMS["tenant_id"][0].fullmatch
-_RUN_ID = validation._FORMS["run_id"][0].fullmatch
+_TENANT_ID = validation.valid("tenant_id")
+_RUN_ID = validation.valid("run_id")
 _IDENTITY = re.compile(r"[!-~]{1,128}", re.ASCII).fullmatch  # printable ASCII, no space
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}", re.ASCII).fullmatch
 
