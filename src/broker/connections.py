@@ -372,7 +372,7 @@ class Connections:
             saved = await self._save_verdict(current, role_arn, checks, actor)
         except RoleInUse:
             # Another tenant took the role while the checks ran (another replica, perhaps).
-            checks = [role_in_use(role_arn) if c.name == ROLE_NOT_SHARED else c for c in checks]
+            checks = with_role_in_use(checks, role_arn)
             saved = await self._save_verdict(current, role_arn, checks, actor)
         failed = [(c.name, c.detail) for c in checks if not c.passed]
         if failed:
@@ -458,7 +458,7 @@ class Connections:
         return saved
 
     async def _unhold(self, current: Connection, checks: list[Check]) -> Connection | None:
-        checks = [role_in_use(current.role_arn) if c.name == ROLE_NOT_SHARED else c for c in checks]
+        checks = with_role_in_use(checks, current.role_arn)
         try:
             saved = await self._save(
                 replace(current, status=Status.PENDING, checks=tuple(checks)),
@@ -631,6 +631,11 @@ class Connections:
             tenant_id=connection.tenant_id,
             external_id=connection.external_id,
         )
+
+
+def with_role_in_use(checks: list[Check], role_arn: str) -> list[Check]:
+    """`checks` with the role check failed: another tenant took the role after it passed."""
+    return [role_in_use(role_arn) if c.name == ROLE_NOT_SHARED else c for c in checks]
 
 
 def role_in_use(role_arn: str) -> Check:
