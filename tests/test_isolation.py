@@ -24,11 +24,6 @@ from broker.v1 import broker_pb2 as pb
 from tests.conftest import Running, StsLog, connect, settings_for, start_broker
 from tests.test_verify import make_role, pending, trusting, verify_fails
 
-
-def loosened(principal: str, condition: dict[str, Any]) -> dict[str, Any]:
-    return trusting(principal, condition)
-
-
 # Trust conditions that let the broker in with external IDs other than the tenant's own.
 LOOSE_CONDITIONS = {
     "StringLike *": {"StringLike": {"sts:ExternalId": "*"}},
@@ -52,7 +47,7 @@ async def test_a_role_that_takes_any_external_id_serves_no_tenant(
     victim = await pending(running, tenant)
     attacker = await pending(running, f"{tenant}-attacker")
     role = make_role(
-        local_aws, f"loose-{tenant}", loosened(victim.trusted_principal_arn, condition)
+        local_aws, f"loose-{tenant}", trusting(victim.trusted_principal_arn, condition)
     )
     for connection in (victim, attacker):
         result = await verify_fails(running, connection.tenant_id, role)
@@ -125,7 +120,7 @@ async def test_one_role_serves_one_tenant(
     assert after["checks"]["assume_with_external_id"] is False, "it trusts the first's ID only"
 
 
-async def test_the_periodic_recheck_suspends_a_role_whose_trust_was_loosened(
+async def test_the_periodic_recheck_suspends_a_role_whose_trust_was_trusting(
     local_aws: LocalAws,
     tenant: str,
     broker_settings: dict[str, Any],
@@ -150,7 +145,7 @@ async def test_the_periodic_recheck_suspends_a_role_whose_trust_was_loosened(
         loose = {
             "Version": "2012-10-17",
             "Statement": [
-                loosened(connection.trusted_principal_arn, LOOSE_CONDITIONS["StringLike *"])
+                trusting(connection.trusted_principal_arn, LOOSE_CONDITIONS["StringLike *"])
             ],
         }
         iam.update_assume_role_policy(RoleName=role_name, PolicyDocument=json.dumps(loose))
@@ -193,7 +188,7 @@ async def test_verifying_an_active_role_again_after_it_was_loosened_suspends_it(
     role_name = connection.role_arn.rsplit("/", 1)[1]
     loose = {
         "Version": "2012-10-17",
-        "Statement": [loosened(connection.trusted_principal_arn, LOOSE_CONDITIONS["Null false"])],
+        "Statement": [trusting(connection.trusted_principal_arn, LOOSE_CONDITIONS["Null false"])],
     }
     local_aws.client("iam", CUSTOMER_ACCOUNT).update_assume_role_policy(
         RoleName=role_name, PolicyDocument=json.dumps(loose)
