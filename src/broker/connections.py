@@ -466,7 +466,7 @@ class Connections:
                 RECHECK_ACTOR,
                 checks=tuple(checks),
             )
-        except (BrokerError, StoreConflict):
+        except BrokerError:  # the store failed, or the connection changed meanwhile
             return None
         log.error(
             "the role is connected to another tenant as well; this connection is PENDING",
