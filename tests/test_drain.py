@@ -382,14 +382,18 @@ async def test_streams_opened_across_the_stop_end_unavailable_not_at_the_grace(
         stub = broker_pb2_grpc.CredentialBrokerStub(channel)
         await connected(stub, local_aws, tenant)
         ended: list[str] = []
+        cancelled_opened_at: list[float] = []
 
         async def one(n: int) -> None:
             request = pb.WatchCredentialsRequest(tenant_id=tenant, run_id=f"r{n % 20}")
+            opened_at = time.monotonic()
             try:
                 async for _ in stub.WatchCredentials(request, timeout=grace + 5):
                     pass
             except grpc.aio.AioRpcError as error:
                 ended.append(error.code().name)
+                if error.code() == grpc.StatusCode.CANCELLED:
+                    cancelled_opened_at.append(opened_at)
 
         opened: list[asyncio.Task[None]] = []
         until = time.monotonic() + 0.3 + drain + 0.5
@@ -406,4 +410,8 @@ async def test_streams_opened_across_the_stop_end_unavailable_not_at_the_grace(
     print(f"\n{len(ended)} streams across the shutdown: {dict(codes)}; exit after {exited:.2f} s")
     assert exited < drain + grace / 2, "no stream was held to the grace's end"
     assert set(codes) <= {"UNAVAILABLE", "CANCELLED"}, codes
-    assert codes["CANCELLED"] <= 2, codes  # gRPC core's instant, as in the first test
+    # gRPC core's instant, as in the first test: only a stream opened as the server stopped
+    # accepting may be CANCELLED. (How many depends on the machine's load: a clean-clone CI
+    # run saw 8 of 309 streams, opened 5 ms apart, in that instant.)
+    stop = signalled + drain
+    assert all(abs(at - stop) <= SLACK for at in cancelled_opened_at), (codes, stop)
