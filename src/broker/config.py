@@ -6,6 +6,7 @@ No other module reads the environment; constructors take the pieces of `Settings
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -42,6 +43,17 @@ DEFAULT_STORE_READ_TIMEOUT = 0.2
 DEFAULT_DRAIN_SECONDS = 15.0
 DEFAULT_STS_MAX_CONCURRENCY = 32
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
+DEFAULT_STS_REGION_COOLDOWN = 30.0
+DEFAULT_TENANT_STS_RATE = 5.0
+DEFAULT_TENANT_STS_BURST = 50
+DEFAULT_TENANT_MAX_STREAMS = 10_000
+DEFAULT_CALLER_MAX_STREAMS = 20_000
+DEFAULT_TENANT_VERIFY_CONCURRENCY = 2
+DEFAULT_CALLER_TENANT_RATE = 1.0
+DEFAULT_CALLER_TENANT_BURST = 100
+DEFAULT_TENANT_MAX_EVENTS = 1000
+# An AWS region name: us-east-1, eu-central-2, us-gov-west-1, cn-northwest-1, ap-southeast-5.
+REGION_NAME = re.compile(r"[a-z]{2}(-[a-z]+)+-[1-9][0-9]?", re.ASCII)
 
 
 class Settings(BaseSettings):
@@ -83,6 +95,28 @@ class Settings(BaseSettings):
         "quick-create link. Required by `broker serve`.",
     )
     aws_region: str = Field(DEFAULT_REGION, description="Region of the STS/IAM endpoints.")
+    sts_regions: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated STS regions, in order of preference: AssumeRole goes to "
+        "the first whose endpoint is healthy, and a call that fails transiently there "
+        "(unreachable, timeout, 5xx, throttled after retries) moves on to the next. Sessions "
+        "from any regional endpoint are valid in every region. Default: BROKER_AWS_REGION "
+        "alone.",
+    )
+    sts_endpoint_urls: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated REGION=URL: the STS endpoint of a region in "
+        "BROKER_STS_REGIONS, for VPC interface endpoints or an emulator. Default: AWS's regional "
+        "endpoint (or BROKER_AWS_ENDPOINT_URL).",
+    )
+    sts_region_cooldown: float = Field(
+        DEFAULT_STS_REGION_COOLDOWN,
+        gt=0,
+        le=3600,
+        description="Seconds a region whose STS failed transiently is skipped (a circuit "
+        "breaker) before one call tries it again. Calls go to it anyway when every region "
+        "is cooling down.",
+    )
     aws_endpoint_url: str | None = Field(
         None, description="Points STS and IAM at an emulator (e.g. http://127.0.0.1:5000)."
     )
@@ -102,6 +136,15 @@ class Settings(BaseSettings):
         "3600), raised to botocore's mandatory refresh window (600) as far as half the "
         "duration allows (450 for 900); docs/deploy.md says why.",
     )
+    refresh_mandatory: int = Field(
+        BOTOCORE_MANDATORY_REFRESH,  # for the default margin; _scale_margin sets it
+        ge=30,
+        description="Seconds before expiry inside which a call waits for renewed credentials. "
+        "Between BROKER_REFRESH_MARGIN and this, the first call starts one renewal in the "
+        "background and every call is answered from the cache at once (botocore's advisory "
+        "and mandatory windows). Unset: botocore's 600, at most half the margin (at most a "
+        "quarter of a lifetime is used).",
+    )
     cache_max_entries: int = Field(
         DEFAULT_CACHE_MAX_ENTRIES, ge=1, description="Most runs held in the credential cache."
     )
@@ -116,6 +159,63 @@ class Settings(BaseSettings):
         le=1000,
         description="Most sts:AssumeRole calls in flight at once (bursts of new runs, renewals "
         "resuming after an outage).",
+    )
+    tenant_sts_rate: float = Field(
+        DEFAULT_TENANT_STS_RATE,
+        gt=0,
+        description="New STS sessions (first credentials of a run) per second per tenant, "
+        "refilling a bucket of BROKER_TENANT_STS_BURST; past it, RESOURCE_EXHAUSTED with a "
+        "RetryInfo. Renewals and cached answers never count.",
+    )
+    tenant_sts_burst: int = Field(
+        DEFAULT_TENANT_STS_BURST,
+        ge=1,
+        description="New STS sessions a tenant may start at once before "
+        "BROKER_TENANT_STS_RATE paces it.",
+    )
+    tenant_sts_concurrency: int = Field(
+        DEFAULT_STS_MAX_CONCURRENCY // 4,  # for the default bound; _scale_margin sets it
+        ge=1,
+        description="Most sts:AssumeRole calls of one tenant in flight at once, a share of "
+        "BROKER_STS_MAX_CONCURRENCY so one tenant cannot hold every slot (more wait). Unset: "
+        "a quarter of it, at least 1.",
+    )
+    tenant_max_streams: int = Field(
+        DEFAULT_TENANT_MAX_STREAMS,
+        ge=1,
+        description="Most open WatchCredentials streams per tenant (on this replica).",
+    )
+    caller_max_streams: int = Field(
+        DEFAULT_CALLER_MAX_STREAMS,
+        ge=1,
+        description="Most open WatchCredentials streams per caller (on this replica); the "
+        "policy file may set another for a caller (max_streams).",
+    )
+    tenant_verify_concurrency: int = Field(
+        DEFAULT_TENANT_VERIFY_CONCURRENCY,
+        ge=1,
+        description="Most VerifyRole calls in flight per tenant (each makes up to 3 AssumeRole "
+        "calls and an IAM read, retried for BROKER_VERIFY_WAIT).",
+    )
+    caller_tenant_rate: float = Field(
+        DEFAULT_CALLER_TENANT_RATE,
+        gt=0,
+        description="Tenants one caller may create per second (CreateConnection for a new "
+        "tenant), refilling a bucket of BROKER_CALLER_TENANT_BURST, on this replica; the "
+        "policy file may set others for a caller (tenant_rate, tenant_burst).",
+    )
+    caller_tenant_burst: int = Field(
+        DEFAULT_CALLER_TENANT_BURST,
+        ge=1,
+        description="Tenants one caller may create at once before BROKER_CALLER_TENANT_RATE "
+        "paces it.",
+    )
+    tenant_max_events: int = Field(
+        DEFAULT_TENANT_MAX_EVENTS,
+        ge=10,
+        description="Events kept per tenant. Repeated link_changed events are compacted to "
+        "the latest; past this bound the oldest events go, but never the audit trail's "
+        "created, verified, verification_failed and disconnected (docs/deploy.md, retention).",
     )
     verify_wait: float = Field(
         DEFAULT_VERIFY_WAIT,
@@ -305,18 +405,51 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("sts_regions", "sts_endpoint_urls", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):  # empty: unset; an empty item between commas: an error
+            return tuple(part.strip() for part in value.split(",")) if value.strip() else ()
+        return value
+
+    @field_validator("sts_regions")
+    @classmethod
+    def _check_regions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for region in value:
+            if not REGION_NAME.fullmatch(region):
+                raise ValueError(f"{region!r} is not a region name (e.g. us-east-1,us-west-2)")
+        if len(set(value)) != len(value):
+            raise ValueError("names a region twice")
+        return value
+
+    @field_validator("sts_endpoint_urls")
+    @classmethod
+    def _check_endpoints(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parse_endpoint_urls(value)
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _scale_margin(cls, data: Any) -> Any:
-        """BROKER_REFRESH_MARGIN unset: `default_refresh_margin` of the duration set."""
-        if not isinstance(data, dict) or data.get("refresh_margin") is not None:
+        """Unset: BROKER_REFRESH_MARGIN is `default_refresh_margin` of the duration set,
+        BROKER_REFRESH_MANDATORY `default_refresh_mandatory` of the margin, and
+        BROKER_TENANT_STS_CONCURRENCY a quarter of BROKER_STS_MAX_CONCURRENCY."""
+        if not isinstance(data, dict):
             return data
+        data = dict(data)
         try:
-            duration = int(data.get("session_duration", DEFAULT_SESSION_DURATION))
+            if data.get("refresh_margin") is None:
+                duration = int(data.get("session_duration", DEFAULT_SESSION_DURATION))
+                if MIN_SESSION_DURATION <= duration <= MAX_SESSION_DURATION:
+                    data["refresh_margin"] = default_refresh_margin(duration)
         except (TypeError, ValueError):
-            return data  # the duration's own error says what is wrong with it
-        if MIN_SESSION_DURATION <= duration <= MAX_SESSION_DURATION:
-            return {**data, "refresh_margin": default_refresh_margin(duration)}
+            pass  # the setting's own error says what is wrong with it
+        if data.get("refresh_mandatory") is None:
+            margin = _int_or(data.get("refresh_margin"), DEFAULT_REFRESH_MARGIN)
+            data["refresh_mandatory"] = default_refresh_mandatory(margin)
+        if data.get("tenant_sts_concurrency") is None:
+            slots = _int_or(data.get("sts_max_concurrency"), DEFAULT_STS_MAX_CONCURRENCY)
+            data["tenant_sts_concurrency"] = max(1, slots // 4)
         return data
 
     @model_validator(mode="after")
@@ -326,6 +459,28 @@ class Settings(BaseSettings):
                 f"BROKER_REFRESH_MARGIN ({self.refresh_margin}) must be less than "
                 f"BROKER_SESSION_DURATION ({self.session_duration})"
             )
+        if self.refresh_mandatory >= self.refresh_margin:
+            raise ValueError(
+                f"BROKER_REFRESH_MANDATORY ({self.refresh_mandatory}) must be less than "
+                f"BROKER_REFRESH_MARGIN ({self.refresh_margin}): calls wait for renewal only "
+                "inside the margin's last stretch"
+            )
+        if self.tenant_sts_concurrency > self.sts_max_concurrency:
+            raise ValueError(
+                f"BROKER_TENANT_STS_CONCURRENCY ({self.tenant_sts_concurrency}) must be at most "
+                f"BROKER_STS_MAX_CONCURRENCY ({self.sts_max_concurrency})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_sts_endpoints(self) -> Settings:
+        regions = set(self.regions)
+        for region in parse_endpoint_urls(self.sts_endpoint_urls):
+            if region not in regions:
+                raise ValueError(
+                    f"BROKER_STS_ENDPOINT_URLS names {region}, which is not in "
+                    f"BROKER_STS_REGIONS ({','.join(self.regions)})"
+                )
         return self
 
     @model_validator(mode="after")
@@ -393,6 +548,11 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def regions(self) -> tuple[str, ...]:
+        """The STS regions in order of preference (BROKER_STS_REGIONS, else the one region)."""
+        return self.sts_regions or (self.aws_region,)
+
+    @property
     def tls(self) -> bool:
         return self.tls_cert_file is not None
 
@@ -432,6 +592,37 @@ def default_refresh_margin(session_duration: int) -> int:
     every 450 s), for one STS call per run every 7.5 minutes."""
     third = session_duration // 3
     return max(third, min(BOTOCORE_MANDATORY_REFRESH, session_duration // 2))
+
+
+def _int_or(value: object, default: int) -> int:
+    """`value` as an int, or `default` where it is unset or not one (its own error says so)."""
+    try:
+        return int(value)  # type: ignore[call-overload, no-any-return]
+    except (TypeError, ValueError):
+        return default
+
+
+def default_refresh_mandatory(refresh_margin: int) -> int:
+    """BROKER_REFRESH_MANDATORY when unset: botocore's mandatory window (600 s), at most half
+    the margin (300 s for a 600 s margin, 225 s for 450 s at the 900 s minimum duration). As
+    the margin keeps at most half a lifetime (`cache.refresh_point`), the mandatory window
+    keeps at most half of that."""
+    return min(BOTOCORE_MANDATORY_REFRESH, refresh_margin // 2)
+
+
+def parse_endpoint_urls(items: tuple[str, ...]) -> dict[str, str]:
+    """REGION=URL items → {region: url}; a wrong item raises ValueError naming it."""
+    endpoints: dict[str, str] = {}
+    for item in items:
+        region, sep, url = item.partition("=")
+        if not sep or not REGION_NAME.fullmatch(region.strip()):
+            raise ValueError(f"{item!r} is not REGION=URL (e.g. us-west-2=https://…)")
+        if not url.strip().startswith(("https://", "http://")):
+            raise ValueError(f"{item!r}: the URL must be http(s)://")
+        if region.strip() in endpoints:
+            raise ValueError(f"names {region.strip()} twice")
+        endpoints[region.strip()] = url.strip()
+    return endpoints
 
 
 def split_host_port(value: str) -> tuple[str, int]:

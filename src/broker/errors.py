@@ -128,6 +128,30 @@ class GrantChanged(Aborted):
     credentials were being minted under the old grant: read the grant again and retry."""
 
 
+class ResourceExhausted(BrokerError):
+    """A limit of the caller's or the tenant's share was reached (google.rpc.QuotaFailure).
+
+    `limit` names the setting (e.g. BROKER_TENANT_STS_RATE), `subject` whose share it is
+    ("tenant:acme", "caller:token:launcher"), `reason` the ErrorInfo reason, and `retry_after`
+    the seconds after which a retry can succeed (RetryInfo), None where waiting does not help
+    by itself (streams stay open until someone closes one)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        limit: str,
+        subject: str,
+        reason: str,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.subject = subject
+        self.reason = reason
+        self.retry_after = retry_after
+
+
 class Unavailable(BrokerError):
     """Retryable: the caller should try again (elsewhere)."""
 

@@ -6,16 +6,31 @@ tenant, a run, an ARN or a key: those belong in logs and audit events.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Iterable, Iterator, Sized
+from typing import Any, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from broker.cache import CredentialCache
-    from broker.streams import StreamHub
+
+class CacheCounts(Protocol):
+    """What a scrape reads of the credential cache (cache.CacheStats)."""
+
+    hits: int
+    misses: int
+    stale_served: int
+    evictions: int
+
+
+class CacheView(Sized, Protocol):
+    """What a scrape reads of the credential cache (cache.CredentialCache): its entries, and
+    its counts. A protocol, so this module imports neither the cache nor the streams: they
+    (through aws) import it."""
+
+    @property
+    def stats(self) -> CacheCounts: ...
+
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 # The background loops that log a failure, count it (`background_error`) and carry on.
@@ -120,20 +135,21 @@ class Metrics:
 
     def watch(
         self,
-        cache: CredentialCache,
-        hub: StreamHub,
+        cache: CacheView,
+        hub: Sized,
         max_entries: int,
         count_connections: Callable[[], dict[str, int]],
     ) -> None:
-        """Read the cache, the streams and the store's counts at every scrape."""
+        """Read the cache, the streams (their number) and the store's counts at every
+        scrape."""
         self.registry.register(_Live(cache, hub, max_entries, count_connections))
 
 
 class _Live(Collector):
     def __init__(
         self,
-        cache: CredentialCache,
-        hub: StreamHub,
+        cache: CacheView,
+        hub: Sized,
         max_entries: int,
         connections: Callable[[], dict[str, int]],
     ) -> None:

@@ -35,6 +35,7 @@ from broker.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     StreamEnded,
     Unauthenticated,
     Unavailable,
@@ -59,6 +60,7 @@ STATUS_OF: tuple[tuple[type[BrokerError], grpc.StatusCode], ...] = (
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (Aborted, grpc.StatusCode.ABORTED),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
 )
 
@@ -96,6 +98,19 @@ def status_for(error: BrokerError) -> grpc.Status:
                     reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
                 )
             )
+    elif isinstance(error, ResourceExhausted):
+        quota = error_details_pb2.QuotaFailure()
+        quota.violations.add(subject=error.subject, description=f"{error.limit}: {error}")
+        details.append(quota)
+        details.append(
+            error_details_pb2.ErrorInfo(
+                reason=error.reason, domain=ERROR_DOMAIN, metadata={"limit": error.limit}
+            )
+        )
+        if error.retry_after is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromNanoseconds(int(error.retry_after * 1e9))
+            details.append(retry)
     packed = []
     for detail in details:
         holder = any_pb2.Any()
