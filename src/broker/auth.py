@@ -176,6 +176,46 @@ class Rule:
     tenants: frozenset[str] | None = None
 
 
+@dataclass(frozen=True)
+class CallerLimits:
+    """A caller's own fair-share limits (the policy file's `limits` table), where they differ
+    from the BROKER_* defaults (quotas.py); None keeps the default."""
+
+    max_streams: int | None = None
+    tenant_rate: float | None = None
+    tenant_burst: int | None = None
+
+
+# The keys of a [caller.limits] table: their types, and the smallest value each takes.
+_LIMIT_KEYS: dict[str, tuple[type, float]] = {
+    "max_streams": (int, 1),
+    "tenant_rate": (float, 0.001),
+    "tenant_burst": (int, 1),
+}
+
+
+def _limits(table: object) -> CallerLimits:
+    """A `limits` table, read strictly: known keys, numbers of the right kind (TOML's, no
+    strings or booleans), within range; anything else is refused."""
+    if not isinstance(table, dict):
+        raise ValueError("limits must be a table, e.g. limits = { max_streams = 500 }")
+    unknown = set(table) - set(_LIMIT_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown limit {', '.join(sorted(unknown))} (the limits are {', '.join(_LIMIT_KEYS)})"
+        )
+    values: dict[str, float] = {}
+    for key, value in table.items():
+        kind, least = _LIMIT_KEYS[key]
+        numeric = (int,) if kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, numeric):
+            raise ValueError(f"limits.{key} must be {'a whole' if kind is int else 'a'} number")
+        if not value >= least or value != value or value == float("inf"):
+            raise ValueError(f"limits.{key} must be at least {least:g} (and finite)")
+        values[key] = value
+    return CallerLimits(**values)  # type: ignore[arg-type]
+
+
 def _rpcs(names: Sequence[str]) -> frozenset[str]:
     if not any(names):
         raise ValueError("no RPCs: name a group (connections, credentials, all) or RPCs")
@@ -223,13 +263,16 @@ class Policy:
     """Identities → the RPCs (and optionally tenants) each may call. Anything else is denied.
     Parsing fails closed: every doubtful entry is refused (ValueError), never read as a grant."""
 
-    def __init__(self, rules: Mapping[str, Rule]) -> None:
+    def __init__(
+        self, rules: Mapping[str, Rule], limits: Mapping[str, CallerLimits] | None = None
+    ) -> None:
         if not rules:
             raise ValueError(
                 "no rules: name who may call what, e.g. 'token:launcher=credentials' "
                 "(identity=rpcs[@tenant|…]; …)"
             )
         self.rules = dict(rules)
+        self.limits = dict(limits or {})  # identity → its own limits (policy file only)
 
     @property
     def dns_names(self) -> frozenset[str]:
@@ -268,12 +311,14 @@ class Policy:
         if not isinstance(callers, list) or not all(isinstance(c, dict) for c in callers):
             raise ValueError("caller must be an array of tables: write each one as [[caller]]")
         rules: dict[str, Rule] = {}
+        limits: dict[str, CallerLimits] = {}
         for number, table in enumerate(callers, 1):
             where = f"[[caller]] #{number}"
-            if set(table) - {"identity", "rpcs", "tenants"}:
-                unknown = ", ".join(sorted(set(table) - {"identity", "rpcs", "tenants"}))
+            if set(table) - {"identity", "rpcs", "tenants", "limits"}:
+                unknown = ", ".join(sorted(set(table) - {"identity", "rpcs", "tenants", "limits"}))
                 raise ValueError(
-                    f"{where}: unknown key {unknown} (the keys are identity, rpcs and tenants)"
+                    f"{where}: unknown key {unknown} (the keys are identity, rpcs, tenants and "
+                    "limits)"
                 )
             who = table.get("identity")
             if not isinstance(who, str):
@@ -286,9 +331,11 @@ class Policy:
                     _strings(table.get("rpcs"), "rpcs"),
                     None if tenants is None else _strings(tenants, "tenants"),
                 )
+                if "limits" in table:
+                    limits[canonical_identity(who)] = _limits(table["limits"])
             except ValueError as exc:
                 raise ValueError(f"{where} ({who}): {exc}") from None
-        return cls(rules)
+        return cls(rules, limits)
 
     def authorise(self, caller: Caller, rpc: str, tenant_id: str) -> None:
         rule = self.rules.get(caller.identity)

@@ -308,8 +308,12 @@ class Connections:
         await self.get(tenant_id)
         return await self._store.events(tenant_id, limit)
 
-    async def create(self, tenant_id: str, region: str, actor: str) -> Connection:
-        """A PENDING connection: the existing one (same external ID), or a new one."""
+    async def create(
+        self, tenant_id: str, region: str, actor: str, admit: Callable[[], None] | None = None
+    ) -> Connection:
+        """A PENDING connection: the existing one (same external ID), or a new one. `admit`
+        is asked once before a new one is saved (a fair-share limit: it raises to refuse)."""
+        admitted = admit is None
         for _ in range(STORE_RETRIES):
             current = await self._store.get(tenant_id)
             if current is not None and current.status in (Status.ACTIVE, Status.SUSPENDED):
@@ -322,6 +326,9 @@ class Connections:
                     if not region or region == current.region:
                         return current
                     return await self._save(replace(current, region=region), "link_changed", actor)
+                if not admitted and admit is not None:
+                    admit()
+                    admitted = True
                 fresh = Connection(
                     tenant_id=tenant_id,
                     status=Status.PENDING,

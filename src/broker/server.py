@@ -26,6 +26,7 @@ from broker.connections import Settings as ConnectionSettings
 from broker.credentials import ConfirmedSource, StsSource
 from broker.errors import BrokerError, ShuttingDown, StreamEnded
 from broker.metrics import Metrics
+from broker.quotas import Limits, TenantShare, limit_settings
 from broker.service import CredentialBrokerService
 from broker.store import ConnectionStore, open_store
 from broker.streams import StreamHub
@@ -209,11 +210,13 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
         on_disconnected=disconnected,
         on_suspended=suspended,
     )
+    policy = settings.load_policy()
+    limits = Limits(limit_settings(settings, policy), metrics.registry)
     sts = StsSource(
         aws, duration=settings.session_duration, policy_arns=settings.session_policy_arns
     )
     cache = CredentialCache(
-        ConfirmedSource(sts, connections),
+        ConfirmedSource(TenantShare(sts, limits), connections),
         refresh_margin=settings.refresh_margin,
         max_entries=settings.cache_max_entries,
     )
@@ -221,12 +224,13 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
     guard = Guard(
         mtls=settings.tls_client_ca_file is not None,
         token_hashes=parse_token_hashes(settings.token_hashes),
-        policy=settings.load_policy(),
+        policy=policy,
     )
     service = CredentialBrokerService(
         connections,
         cache,
         hub,
+        limits,
         guard=guard,
         metrics=metrics,
         refresh_margin=settings.refresh_margin,

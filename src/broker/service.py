@@ -42,6 +42,7 @@ from broker.errors import (
 )
 from broker.metrics import Metrics
 from broker.models import Check, Connection, Credentials, Grant, Status
+from broker.quotas import Limits
 from broker.streams import StreamHub, watch
 from broker.template import stack_name
 from broker.v1 import broker_pb2 as pb
@@ -375,6 +376,7 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         connections: Connections,
         cache: CredentialCache,
         hub: StreamHub,
+        limits: Limits,
         *,
         guard: Guard,
         metrics: Metrics,
@@ -385,6 +387,7 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         self._connections = connections
         self._cache = cache
         self._hub = hub
+        self._limits = limits
         self._refresh_margin = refresh_margin
         self.guard = guard
         self.metrics = metrics
@@ -417,7 +420,10 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
     ) -> pb.CreateConnectionResponse:
         tenant_id = validation.field("tenant_id", request.tenant_id)
         region = validation.field("region", request.region, optional=True)
-        connection = await self._connections.create(tenant_id, region, CALLER.get().identity)
+        caller = CALLER.get().identity
+        connection = await self._connections.create(
+            tenant_id, region, caller, admit=lambda: self._limits.new_tenant(caller)
+        )
         return pb.CreateConnectionResponse(connection=self.connection_pb(connection))
 
     @unary
@@ -427,12 +433,13 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         tenant_id = validation.field("tenant_id", request.tenant_id)
         role_arn = validation.field("role_arn", request.role_arn)
         time_left = context.time_remaining()
-        connection = await self._connections.verify(
-            tenant_id,
-            role_arn,
-            self.cap.seconds if time_left is None else time_left,
-            CALLER.get().identity,
-        )
+        with self._limits.verifying(tenant_id):
+            connection = await self._connections.verify(
+                tenant_id,
+                role_arn,
+                self.cap.seconds if time_left is None else time_left,
+                CALLER.get().identity,
+            )
         return pb.VerifyRoleResponse(connection=self.connection_pb(connection))
 
     @unary
@@ -487,22 +494,24 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
         run_id = validation.field("run_id", request.run_id)
         # Subscribed before the grant is first read, so a Disconnect or role change from here
         # on reaches this stream (ends or wakes it) whatever it is waiting for.
-        subscription = self._hub.subscribe((tenant_id, run_id))
-        renewal = False  # the first message is the current credentials; later ones renew them
-        try:
-            async for grant, credentials in watch(
-                subscription,
-                lambda newer_than: self._current(tenant_id, run_id, newer_than),
-                refresh_margin=self._refresh_margin,
-            ):
-                yield pb.WatchCredentialsResponse(
-                    credentials=credentials_pb(credentials, grant.region)
-                )
-                if renewal:
-                    self.metrics.renewals.labels("ok").inc()
-                renewal = True
-        finally:
-            self._hub.unsubscribe(subscription)
+        # Within the caller's and the tenant's share of streams, held until the stream ends.
+        with self._limits.stream(CALLER.get().identity, tenant_id):
+            subscription = self._hub.subscribe((tenant_id, run_id))
+            renewal = False  # the first message is the current credentials; later ones renew
+            try:
+                async for grant, credentials in watch(
+                    subscription,
+                    lambda newer_than: self._current(tenant_id, run_id, newer_than),
+                    refresh_margin=self._refresh_margin,
+                ):
+                    yield pb.WatchCredentialsResponse(
+                        credentials=credentials_pb(credentials, grant.region)
+                    )
+                    if renewal:
+                        self.metrics.renewals.labels("ok").inc()
+                    renewal = True
+            finally:
+                self._hub.unsubscribe(subscription)
 
     @unary
     async def ReleaseCredentials(
