@@ -1,11 +1,13 @@
 """A fault-injecting AWS endpoint for tests: an HTTP proxy on 127.0.0.1 in front of the local
 emulator. It forwards every request, or, on command, injects a fault into the AWS actions it is
-told (AssumeRole by default): STS's Throttling error, a 5xx, added latency, a hang past the
-client's timeout, a reset connection, or being down entirely. It counts what it saw.
+told (AssumeRole by default): STS's Throttling error, a 5xx, a refusal (an error `code` of
+REFUSALS), added latency, a hang past the client's timeout, a reset connection, or being down
+entirely. It counts what it saw.
 
     faults = FaultyAws(local_aws.endpoint_url).start()
     faults.inject("throttle")            # every AssumeRole from now on is throttled
     faults.inject("latency", seconds=0.05)
+    faults.inject("refuse", code="ValidationError")
     faults.inject("down")                # every request, any action, is reset
     faults.clear()
 """
@@ -24,7 +26,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-MODES = ("pass", "throttle", "error", "latency", "hang", "reset", "down")
+MODES = ("pass", "throttle", "error", "refuse", "latency", "hang", "reset", "down")
+# The permanent answers "refuse" gives, with their HTTP status.
+REFUSALS = {"AccessDenied": 403, "ValidationError": 400, "InvalidClientTokenId": 403}
 
 
 class FaultyAws:
@@ -34,6 +38,7 @@ class FaultyAws:
         self.mode = "pass"
         self.seconds = 0.0
         self.budget: int | None = None
+        self.code = "AccessDenied"  # what "refuse" answers
         self.actions: frozenset[str] = frozenset({"AssumeRole"})
         self.requests: Counter[str] = Counter()  # action → requests seen
         self.faults: Counter[str] = Counter()  # mode → faults injected
@@ -74,12 +79,14 @@ class FaultyAws:
         seconds: float = 0.0,
         actions: tuple[str, ...] = (),
         count: int | None = None,
+        code: str = "AccessDenied",
     ) -> None:
         """From now on, `mode` for `actions` (all actions when down); after `count` faults, if
-        given, requests pass again."""
+        given, requests pass again. `code`: the error "refuse" answers (one of REFUSALS)."""
         assert mode in MODES, mode
+        assert code in REFUSALS, code
         with self._lock:
-            self.mode, self.seconds, self.budget = mode, seconds, count
+            self.mode, self.seconds, self.budget, self.code = mode, seconds, count, code
             if actions:
                 self.actions = frozenset(actions)
 
@@ -93,7 +100,7 @@ class FaultyAws:
         body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
         action = parse_qs(body.decode(errors="replace")).get("Action", ["?"])[0]
         with self._lock:
-            mode, seconds = self.mode, self.seconds
+            mode, seconds, code = self.mode, self.seconds, self.code
             applies = mode == "down" or (mode != "pass" and action in self.actions)
             if applies and self.budget is not None:
                 applies = self.budget > 0
@@ -121,6 +128,8 @@ class FaultyAws:
                 _error(handler, 400, "Throttling", "Rate exceeded", answered)
             elif mode == "error":
                 _error(handler, 503, "ServiceUnavailable", "Service is unavailable", answered)
+            elif mode == "refuse":
+                _error(handler, REFUSALS[code], code, "Refused by the fault proxy", answered)
             elif mode == "latency":
                 time.sleep(seconds)
                 self._forward(handler, body, answered)

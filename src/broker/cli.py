@@ -60,6 +60,12 @@ DEV_BANNER = """\
        broker.v1.CredentialBroker/CreateConnection
    broker dev-stack '<quick_create_url>'     # creates the customer's stack in the emulator
 ================================================================================"""
+DEV_REGIONS = """\
+ STS regions (BROKER_STS_REGIONS), in order, each on its own emulator endpoint:
+{endpoints}
+ Take one down (connections refused), hang it, or bring it back:
+   curl -X POST {aws}/_emulator/regions/{first}/down      # or /hang, /up
+================================================================================"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,8 +391,10 @@ def _dev(aws_port: int) -> None:
     from broker.emulator import LocalAws
     from broker.server import Broker, run_loop, serve
 
+    # BROKER_STS_REGIONS set: the emulator serves each region on an endpoint of its own.
+    regions = load_settings().sts_regions
     try:
-        aws = LocalAws(port=aws_port).start()
+        aws = LocalAws(port=aws_port, regions=regions).start()
     except OSError as exc:
         raise ConfigError(
             f"cannot start the local AWS emulator on port {aws_port}: {exc}"
@@ -397,6 +405,8 @@ def _dev(aws_port: int) -> None:
         "template_url": aws.publish_template(identity.arn),
         "trusted_principal_arn": identity.arn,
     }
+    if regions:
+        overrides["sts_endpoint_urls"] = aws.endpoint_urls
     if "BROKER_DATABASE_URL" not in os.environ:
         # The emulator forgets everything when it stops; so does the development database.
         folder = tempfile.mkdtemp(prefix="broker-dev-")
@@ -425,6 +435,17 @@ def _dev(aws_port: int) -> None:
             file=sys.stderr,
             flush=True,
         )
+        if aws.regions:
+            endpoints = "\n".join(
+                f"   {name:<16} {region.endpoint_url}" for name, region in aws.regions.items()
+            )
+            print(
+                DEV_REGIONS.format(
+                    endpoints=endpoints, aws=aws.endpoint_url, first=next(iter(aws.regions))
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
 
     try:
         run_loop(

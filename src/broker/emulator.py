@@ -8,6 +8,13 @@ role exists, its trust policy allows the caller sts:AssumeRole under the request
 refuses a DurationSeconds above the role's MaxSessionDuration, and echoes SourceIdentity.
 Every AssumeRole it sees is recorded (no secrets are in a request) for tests to inspect.
 
+It can also serve STS regions on endpoints of their own (`LocalAws(regions=…)`, or
+`serve_region`), each on its own loopback port in front of the same moto (sessions from any
+region are valid everywhere, as AWS's are), each answering only requests signed for its region,
+and each able to go down (connections refused), hang (requests taken, never answered) and come
+back: `local_aws.regions["us-east-1"].down()`. Under `broker dev` the same is asked over HTTP:
+`POST /_emulator/regions/<region>/<down|hang|up>` on the main endpoint.
+
 Requires the `dev` extra (moto, boto3). Never point a production broker at it.
 """
 
@@ -17,10 +24,11 @@ import contextlib
 import io
 import json
 import re
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -47,7 +55,10 @@ TEMPLATE_BUCKET = "credential-broker-templates"
 TEMPLATE_KEY = "customer-role.yaml"
 ROLE_CHAINING_CAP = 3600
 AWS_MAX_SESSION_DURATION = 43200  # what AWS allows a role's MaxSessionDuration at most
-_CREDENTIAL_SCOPE = re.compile(r"Credential=([^/]+)/[^/]+/[^/]+/([^/]+)/")
+_CREDENTIAL_SCOPE = re.compile(r"Credential=([^/]+)/[^/]+/([^/]+)/([^/]+)/")
+REGION_KEY = "emulator.region"  # the WSGI environ key naming the regional endpoint asked
+HANG_LIMIT = 60.0  # seconds a hung endpoint holds a request at most before answering 503
+_CONTROL = re.compile(r"/_emulator/regions/([a-z0-9-]{1,32})/(down|hang|up)")
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -65,6 +76,7 @@ class AssumeRoleCall:
     tags: dict[str, str]
     policy_arns: list[str]
     allowed: bool
+    region: str = ""  # the regional endpoint that was asked ("" for the main one)
 
 
 @dataclass
@@ -86,7 +98,7 @@ class TrustEnforcingSts:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         scope = _CREDENTIAL_SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
-        if environ.get("REQUEST_METHOD") != "POST" or not scope or scope.group(2) != "sts":
+        if environ.get("REQUEST_METHOD") != "POST" or not scope or scope.group(3) != "sts":
             return self.app(environ, start_response)
         body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
         environ["wsgi.input"] = io.BytesIO(body)
@@ -99,7 +111,7 @@ class TrustEnforcingSts:
         try:
             if self.latency:
                 time.sleep(self.latency)
-            refusal = self._judge(scope.group(1), params)
+            refusal = self._judge(scope.group(1), params, environ.get(REGION_KEY, ""))
             if refusal is not None:
                 status, code, message = refusal
                 return _error(start_response, status, code, message)
@@ -108,7 +120,9 @@ class TrustEnforcingSts:
             with self._lock:
                 self.in_flight -= 1
 
-    def _judge(self, access_key: str, params: dict[str, str]) -> tuple[str, str, str] | None:
+    def _judge(
+        self, access_key: str, params: dict[str, str], region: str
+    ) -> tuple[str, str, str] | None:
         account = get_account_id_from(access_key)
         _, caller_arn, _ = sts_backends[account]["aws"].get_caller_identity(access_key, "us-east-1")
         role_arn = params.get("RoleArn", "")
@@ -129,6 +143,7 @@ class TrustEnforcingSts:
                 v for k, v in params.items() if re.fullmatch(r"PolicyArns\.member\.\d+\.arn", k)
             ],
             allowed=False,
+            region=region,
         )
         role = _find_role(role_arn)
         if role is not None and self.propagation_delay:
@@ -355,22 +370,167 @@ def _check_parameter(name: str, declared: dict[str, Any], value: str) -> None:
         raise ValueError(f"Parameter '{name}' must match pattern {pattern} (given {value!r})")
 
 
-class LocalAws(EmulatorClient):
-    """moto on 127.0.0.1 behind `TrustEnforcingSts`. `start()`, use `endpoint_url`, `stop()`."""
+class _TrackedHandler(_QuietHandler):
+    """Keeps the server's open connections in `server.open` (a set), so that going down can
+    close them: a client's pooled keep-alive connection must not outlive the endpoint."""
 
-    def __init__(self, port: int = 0) -> None:
+    def setup(self) -> None:
+        super().setup()
+        self.server.open.add(self.connection)  # type: ignore[attr-defined]
+
+    def finish(self) -> None:
+        self.server.open.discard(self.connection)  # type: ignore[attr-defined]
+        super().finish()
+
+
+class RegionalEndpoint:
+    """One STS region's endpoint on its own loopback port, in front of the shared emulator.
+
+    It answers only requests signed for its region (AWS answers SignatureDoesNotMatch to
+    others), marks each one with its region (`AssumeRoleCall.region`), and is in one of three
+    modes, changed from any thread: `up()`, `down()` (connections refused: nothing listens on
+    its port, which stays reserved, and open connections are closed) or `hang()` (connections
+    taken, requests held unanswered until `up()`, or HANG_LIMIT, then 503)."""
+
+    def __init__(self, region: str, app: WsgiApp) -> None:
+        self.region = region
+        self.mode = "up"
+        self._app = app
+        self._released = threading.Event()
+        self._released.set()
+        self._lock = threading.Lock()
+        self._server = self._serve(0)
+        self.port: int = self._server.server_port
+        self._reserved: socket.socket | None = None
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+
+    def _serve(self, port: int) -> BaseWSGIServer:
+        server = make_server(
+            "127.0.0.1", port, self._answer, threaded=True, request_handler=_TrackedHandler
+        )
+        server.open = set()  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    def _answer(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if self.mode == "hang":
+            self._released.wait(HANG_LIMIT)
+            return _error(start_response, "503 Service Unavailable", "ServiceUnavailable", "hung")
+        scope = _CREDENTIAL_SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
+        if scope and scope.group(3) == "sts" and scope.group(2) != self.region:
+            return _error(
+                start_response,
+                "403 Forbidden",
+                "SignatureDoesNotMatch",
+                f"Credential should be scoped to a valid region, not '{scope.group(2)}'.",
+            )
+        environ[REGION_KEY] = self.region
+        return self._app(environ, start_response)
+
+    def down(self) -> None:
+        """Refuse connections until `up()`."""
+        with self._lock:
+            if self.mode == "down":
+                return
+            self._stop_serving()
+            # Bound but not listening: a connection is refused, and no one else takes the port.
+            self._reserved = socket.socket()
+            self._reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._reserved.bind(("127.0.0.1", self.port))
+            self.mode = "down"
+            self._released.set()
+
+    def hang(self) -> None:
+        """Take connections and requests, and answer none, until `up()`."""
+        with self._lock:
+            if self.mode == "down":
+                self._bring_back()
+            self._released.clear()
+            self.mode = "hang"
+
+    def up(self) -> None:
+        """Answer again."""
+        with self._lock:
+            if self.mode == "down":
+                self._bring_back()
+            self.mode = "up"
+            self._released.set()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._released.set()
+            if self.mode == "down":
+                assert self._reserved is not None
+                self._reserved.close()
+            else:
+                self._stop_serving()
+
+    def _stop_serving(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        for connection in list(self._server.open):  # type: ignore[attr-defined]
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def _bring_back(self) -> None:
+        assert self._reserved is not None
+        self._reserved.close()
+        self._reserved = None
+        self._server = self._serve(self.port)
+
+
+class LocalAws(EmulatorClient):
+    """moto on 127.0.0.1 behind `TrustEnforcingSts`. `start()`, use `endpoint_url`, `stop()`.
+    With `regions`, each of them also has an STS endpoint of its own (`regions[name]`)."""
+
+    def __init__(self, port: int = 0, regions: Sequence[str] = ()) -> None:
         self.sts = TrustEnforcingSts(DomainDispatcherApplication(create_backend_app))
+        self.regions: dict[str, RegionalEndpoint] = {}
+        self._wanted = tuple(regions)
         self._server: BaseWSGIServer = make_server(
-            "127.0.0.1", port, self.sts, threaded=True, request_handler=_QuietHandler
+            "127.0.0.1", port, self._control, threaded=True, request_handler=_QuietHandler
         )
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         super().__init__(f"http://127.0.0.1:{self._server.server_port}")
 
     def start(self) -> LocalAws:
         self._thread.start()
+        for region in self._wanted:
+            self.serve_region(region)
         return self
 
+    def serve_region(self, region: str) -> RegionalEndpoint:
+        """The STS endpoint of `region`, made (and up) on a port of its own if it is new."""
+        if region not in self.regions:
+            self.regions[region] = RegionalEndpoint(region, self.sts)
+        return self.regions[region]
+
+    @property
+    def endpoint_urls(self) -> tuple[str, ...]:
+        """The regional endpoints as BROKER_STS_ENDPOINT_URLS takes them (REGION=URL)."""
+        return tuple(f"{name}={region.endpoint_url}" for name, region in self.regions.items())
+
+    def _control(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        """`POST /_emulator/regions/<region>/<down|hang|up>`, for `broker dev`; the rest is
+        the emulator's."""
+        asked = _CONTROL.fullmatch(environ.get("PATH_INFO", ""))
+        if asked is None or environ.get("REQUEST_METHOD") != "POST":
+            return self.sts(environ, start_response)
+        region = self.regions.get(asked.group(1))
+        if region is None:
+            served = ", ".join(self.regions) or "none"
+            text = f"no endpoint of its own for {asked.group(1)} (served: {served})\n"
+            status = "404 Not Found"
+        else:
+            getattr(region, asked.group(2))()
+            text, status = f"{region.region} is {region.mode}\n", "200 OK"
+        body = text.encode()
+        start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+
     def stop(self) -> None:
+        for region in self.regions.values():
+            region.stop()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()

@@ -1,12 +1,13 @@
 """Prometheus metrics (one registry per broker), served on BROKER_METRICS_LISTEN.
 
-Labels are bounded: method, status code, outcome, connection status, background loop. Never a
-tenant, a run, an ARN or a key: those belong in logs and audit events.
+Labels are bounded: method, status code, outcome, connection status, background loop, and (with
+several STS regions) a configured region and its breaker's state. Never a tenant, a run, an ARN
+or a key: those belong in logs and audit events.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
@@ -55,6 +56,12 @@ RENEWAL_OUTCOMES = {
     "ok": "new credentials pushed, STS's transient failures retried first and counted in "
     "broker_sts_calls",
 }
+# An STS region's circuit breaker (aws.Region), with two or more BROKER_STS_REGIONS.
+BREAKER_STATES = {
+    "closed": "in use",
+    "open": "failed transiently: tried last until BROKER_STS_REGION_COOLDOWN has passed",
+    "half_open": "cooled down: the next call tries it, and an answer closes it",
+}
 
 
 def _by(label: str, values: Iterable[tuple[str, str]]) -> str:
@@ -96,6 +103,23 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        # Per STS region: shown only with two regions or more (`sts_regions`), where they say
+        # more than broker_sts_calls. The region label takes the configured regions alone.
+        self.sts_region_calls = Counter(
+            "broker_sts_region_calls",
+            "sts:AssumeRole tries, one for each region a call went to (region: one of "
+            "BROKER_STS_REGIONS; botocore's retries within a region make one try), "
+            f"{_by('outcome', STS_OUTCOMES.items())}.",
+            ["region", "outcome"],
+            registry=None,
+        )
+        self.sts_failovers = Counter(
+            "broker_sts_failovers",
+            "sts:AssumeRole calls that failed transiently in a region and moved on to the next "
+            "(region: the one left).",
+            ["region"],
+            registry=None,
+        )
         self.renewals = Counter(
             "broker_stream_renewals",
             "Renewals sent on WatchCredentials streams, "
@@ -129,6 +153,18 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def sts_regions(self, regions: Sequence[str], states: Callable[[], Mapping[str, str]]) -> None:
+        """Show the per-region STS counters for `regions` (fixed at start-up: a bounded label),
+        each value at 0 from the start, and each region's breaker, read from `states` (region
+        → one of BREAKER_STATES) at every scrape."""
+        self.registry.register(self.sts_region_calls)
+        self.registry.register(self.sts_failovers)
+        for region in regions:
+            self.sts_failovers.labels(region)
+            for outcome in STS_OUTCOMES:
+                self.sts_region_calls.labels(region, outcome)
+        self.registry.register(_Breakers(states))
+
     def background_error(self, loop: Loop) -> None:
         """Count one failure of a background loop (one of BACKGROUND_LOOPS)."""
         self.background_errors.labels(loop).inc()
@@ -143,6 +179,23 @@ class Metrics:
         """Read the cache, the streams (their number) and the store's counts at every
         scrape."""
         self.registry.register(_Live(cache, hub, max_entries, count_connections))
+
+
+class _Breakers(Collector):
+    def __init__(self, states: Callable[[], Mapping[str, str]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "broker_sts_region_breaker",
+            "Each STS region's circuit breaker: 1 for the state it is in, 0 for the others, "
+            f"{_by('state', BREAKER_STATES.items())}.",
+            labels=["region", "state"],
+        )
+        for region, now in self._states().items():
+            for state in BREAKER_STATES:
+                family.add_metric([region, state], 1 if state == now else 0)
+        yield family
 
 
 class _Live(Collector):

@@ -139,6 +139,9 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
     aws = AwsClient(
         region=settings.aws_region,
         endpoint_url=settings.aws_endpoint_url,
+        regions=settings.regions,
+        sts_endpoint_urls=settings.sts_endpoint_urls,
+        cooldown=settings.sts_region_cooldown,
         static_credentials=static_credentials,
         max_concurrency=settings.sts_max_concurrency,
         metrics=metrics,
