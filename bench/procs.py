@@ -72,6 +72,11 @@ class Process:
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS")
 
+    def kill(self) -> None:
+        """SIGKILL: the process goes away at once, as a crashed or evicted replica does."""
+        self.process.kill()
+        self.process.wait()
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

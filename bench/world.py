@@ -1,5 +1,6 @@
 """What every measurement stands on: the local AWS emulator (in this process), the broker's
-AWS identity in it, and brokers started as real processes against it."""
+AWS identity in it, brokers started as real processes against it, and the STS stand-in
+(bench/fakests.py) that the capacity sections' brokers send AssumeRole to instead."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import socket
 import sys
 import tempfile
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,34 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench import fakests
 from bench.procs import BIN, Process, pinned
+from broker.config import DEFAULT_REGION
 from broker.emulator import Identity, LocalAws
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc
 
 SERVER_CORE = 1  # servers under measurement run here; load generators on core 0
+STS_CORE = 0  # the STS stand-in: beside the load generators, off the broker's core
+# A broker answered by the stand-in never re-verifies a role while it is measured: the stand-in
+# checks no trust policy, so VerifyRole's probe without the external ID would pass and the
+# broker would rightly suspend the tenant. Roles are verified against the emulator beforehand.
+NO_REVERIFY = 86400
+
+
+def capacity(sts_max_concurrency: int) -> dict[str, Any]:
+    """Settings for a row that measures what one broker can do, not what one tenant or caller
+    may: BROKER_STS_MAX_CONCURRENCY as given, and the fair-share limits (BROKER_TENANT_*,
+    BROKER_CALLER_*: new sessions per second, a tenant's share of the STS slots, open streams)
+    raised out of the way, so one tenant may use the whole broker."""
+    return {
+        "sts_max_concurrency": sts_max_concurrency,
+        "tenant_sts_concurrency": sts_max_concurrency,
+        "tenant_sts_rate": 1_000_000,
+        "tenant_sts_burst": 1_000_000,
+        "tenant_max_streams": 1_000_000,
+        "caller_max_streams": 1_000_000,
+    }
 
 
 @dataclass
@@ -105,6 +128,49 @@ class World:
         finally:
             process.stop()
 
+    @contextlib.contextmanager
+    def fake_sts(
+        self, name: str, latency: float = fakests.DEFAULT_LATENCY, lifetime: float | None = None
+    ) -> Iterator[fakests.FakeSts]:
+        """The STS stand-in in its own process, answering after `latency` seconds with
+        credentials that live `lifetime` seconds (None: as long as asked)."""
+        with fakests.running(self.folder / f"{name}.log", STS_CORE, latency, lifetime) as sts:
+            yield sts
+
+    async def verified_store(self, name: str, tenants: Sequence[str]) -> str:
+        """The database URL of a new store in which `tenants` are ACTIVE: each connected and
+        verified through a broker on the emulator, whose STS enforces trust policies (the
+        stand-in's does not)."""
+        url = f"sqlite:///{self.folder}/{name}.db"
+        with self.broker(f"{name}-verify", database_url=url) as broker:
+            async with stub_for(broker.target) as stubs:
+                for tenant in tenants:
+                    await connect(self, stubs[0], tenant)
+        return url
+
+    @contextlib.contextmanager
+    def broker_on(
+        self,
+        sts: fakests.FakeSts | Mapping[str, fakests.FakeSts],
+        name: str,
+        store: str,
+        **settings: Any,
+    ) -> Iterator[RunningBroker]:
+        """`broker serve` on `store` (from `verified_store`) with its AssumeRole going to the
+        stand-in `sts`, or to {region: stand-in} in order of preference (BROKER_STS_REGIONS,
+        BROKER_STS_ENDPOINT_URLS); IAM stays on the emulator. It does not re-verify roles
+        (NO_REVERIFY)."""
+        regions = sts if isinstance(sts, Mapping) else {DEFAULT_REGION: sts}
+        with self.broker(
+            name,
+            database_url=store,
+            sts_regions=",".join(regions),
+            sts_endpoint_urls=",".join(f"{r}={s.url}" for r, s in regions.items()),
+            reverify_interval=NO_REVERIFY,
+            **settings,
+        ) as broker:
+            yield broker
+
 
 def free_port() -> int:
     """A loopback port nothing listens on (for a server told its port in advance)."""
@@ -146,6 +212,20 @@ async def connect(world: World, stub: Any, tenant: str) -> None:
     verified = await stub.VerifyRole(pb.VerifyRoleRequest(tenant_id=tenant, role_arn=role_arn))
     if verified.connection.status != pb.CONNECTION_STATUS_ACTIVE:
         raise RuntimeError(f"tenant {tenant} did not become ACTIVE")
+
+
+async def warm_up(stub: Any, sts: fakests.FakeSts, tenant: str) -> None:
+    """One IssueCredentials, which must have reached the stand-in (a broker that ignored
+    BROKER_STS_ENDPOINT_URLS would measure the emulator again); then the stand-in's counts
+    start from 0."""
+    sts.reset()
+    await stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id=tenant, run_id="warm-up"))
+    if sts.stats()["AssumeRole"] != 1:
+        raise RuntimeError(
+            "the broker's AssumeRole did not reach the STS stand-in: does it read "
+            "BROKER_STS_ENDPOINT_URLS?"
+        )
+    sts.reset()
 
 
 def wait_serving(target: str, timeout: float = 60) -> None:
