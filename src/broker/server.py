@@ -156,7 +156,9 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
             "or give the broker AWS credentials"
         ) from None
     try:
-        store = await open_store(settings.database_url)
+        store = await open_store(
+            settings.database_url, tenant_max_events=settings.tenant_max_events
+        )
     except BrokerError as exc:
         await aws.close()
         raise ConfigError(f"BROKER_DATABASE_URL: cannot open the store ({exc})") from None

@@ -7,8 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from broker.config import DEFAULT_TENANT_MAX_EVENTS, ConfigError
 from broker.errors import Aborted, Unavailable
 from broker.models import Connection, Event
+
+# The bound must leave room beyond the newest event of each kind, which retention never
+# deletes (BROKER_TENANT_MAX_EVENTS has the same floor).
+MIN_TENANT_MAX_EVENTS = 10
 
 
 class StoreConflict(Aborted):
@@ -37,7 +42,9 @@ class ConnectionStore(Protocol):
         stored). Returns it with the next version. With `new_external_id`, the external ID is
         recorded as used and must never have been used before. Raises StoreConflict otherwise,
         and RoleInUse when another tenant's connection holds the same role (rows.role_key).
-        `event` is stored in the same transaction. Every replica listening is told the tenant
+        `event` is stored in the same transaction, under the retention rule (store/retention.py:
+        a repeat of the tenant's newest event is folded into it; past the tenant's bound its
+        oldest events go, link_changed first). Every replica listening is told the tenant
         changed."""
         ...
 
@@ -46,7 +53,8 @@ class ConnectionStore(Protocol):
         ...
 
     async def events(self, tenant_id: str, limit: int) -> list[Event]:
-        """The tenant's most recent events, newest first."""
+        """The tenant's most recent events, newest first (a row that stands for repeats is
+        the latest of them)."""
         ...
 
     async def listen(
@@ -77,12 +85,20 @@ class ConnectionStore(Protocol):
     async def close(self) -> None: ...
 
 
-async def open_store(database_url: str) -> ConnectionStore:
-    """The store for `database_url`, its schema migrated to the latest version."""
+async def open_store(
+    database_url: str, *, tenant_max_events: int = DEFAULT_TENANT_MAX_EVENTS
+) -> ConnectionStore:
+    """The store for `database_url`, its schema migrated to the latest version, keeping
+    `tenant_max_events` events per tenant at most (BROKER_TENANT_MAX_EVENTS)."""
+    if tenant_max_events < MIN_TENANT_MAX_EVENTS:
+        raise ConfigError(
+            f"BROKER_TENANT_MAX_EVENTS must be at least {MIN_TENANT_MAX_EVENTS}, "
+            f"not {tenant_max_events}"
+        )
     if database_url.startswith(("postgresql://", "postgres://")):
         from broker.store.postgres import PostgresStore
 
-        return await PostgresStore.open(database_url)
+        return await PostgresStore.open(database_url, tenant_max_events=tenant_max_events)
     from broker.store.sqlite import SqliteStore
 
-    return SqliteStore(database_url.removeprefix("sqlite:///"))
+    return SqliteStore(database_url.removeprefix("sqlite:///"), tenant_max_events=tenant_max_events)

@@ -19,8 +19,9 @@ from typing import Any
 
 import asyncpg
 
+from broker.config import DEFAULT_TENANT_MAX_EVENTS
 from broker.models import Connection, Event
-from broker.store import RoleInUse, StoreConflict, StoreUnavailable
+from broker.store import RoleInUse, StoreConflict, StoreUnavailable, retention
 from broker.store.rows import (
     COLUMNS,
     EVENT_COLUMNS,
@@ -104,8 +105,20 @@ MIGRATIONS = (
     CREATE TRIGGER connections_role_key BEFORE INSERT OR UPDATE ON connections
         FOR EACH ROW EXECUTE FUNCTION broker_role_key();
     """,
+    # Event retention (store/retention.py): a row may stand for `repeats` events, the first of
+    # them at `first_at` (NULL: one event, at `at`); the index finds a tenant's newest event of
+    # a kind, and its oldest of a kind.
+    """
+    ALTER TABLE connection_events ADD COLUMN repeats INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE connection_events ADD COLUMN first_at TIMESTAMPTZ;
+    CREATE INDEX connection_events_by_kind ON connection_events (tenant_id, kind, id);
+    """
+    + ";".join(retention.COMPACT_STORED_LINK_CHANGES),
 )
 ROLE_INDEX = "connections_role_held_once"
+_NEWEST, _MERGE, _PRUNE = map(
+    retention.numbered, (retention.NEWEST, retention.MERGE, retention.PRUNE)
+)
 
 # Every way the database fails a call, in asyncpg and below it: the one list `_reachable`
 # turns into StoreUnavailable (retryable, UNAVAILABLE). Anything else is a bug, or a domain
@@ -163,16 +176,22 @@ def _reachable() -> Any:
 class PostgresStore:
     """Connections in PostgreSQL. `_pool` serves queries; `listen` holds its own connection.
     `_channel_start` and `_channel_last` are the current (or last) stretch of that listening
-    connection (`channel_alive`); only `_listen_once` changes them."""
+    connection (`channel_alive`); only `_listen_once` changes them. Each tenant keeps
+    `_max_events` events at most (store/retention.py)."""
 
-    def __init__(self, url: str, pool: asyncpg.Pool) -> None:
+    def __init__(
+        self, url: str, pool: asyncpg.Pool, *, tenant_max_events: int = DEFAULT_TENANT_MAX_EVENTS
+    ) -> None:
         self._url = url
         self._pool = pool
+        self._max_events = tenant_max_events
         self._channel_start: float | None = None
         self._channel_last = 0.0
 
     @classmethod
-    async def open(cls, url: str) -> PostgresStore:
+    async def open(
+        cls, url: str, *, tenant_max_events: int = DEFAULT_TENANT_MAX_EVENTS
+    ) -> PostgresStore:
         with _reachable():
             pool = await asyncpg.create_pool(
                 url,
@@ -187,7 +206,7 @@ class PostgresStore:
             except BaseException:
                 pool.terminate()
                 raise
-        return cls(url, pool)
+        return cls(url, pool, tenant_max_events=tenant_max_events)
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Any]]:
@@ -243,9 +262,15 @@ class PostgresStore:
     ) -> Connection:
         saved = replace(connection, version=connection.version + 1)
         columns = COLUMNS.split(", ")
-        async with self._connection() as db, db.transaction():
+        # READ COMMITTED whatever the database's default: a writer that waited for another's
+        # row lock then sees the version that one committed, and fails StoreConflict (retried)
+        # rather than a serialization error.
+        async with self._connection() as db, db.transaction(isolation="read_committed"):
             # The write itself checks the version, so two writers can never both succeed; the
-            # role's unique index, that two tenants never hold one role.
+            # role's unique index, that two tenants never hold one role. So the saves of one
+            # tenant that commit do so one after another, each begun after the one before it
+            # committed (it read that version), on whichever replica: retention's read of the
+            # newest event, its merge, count and prune see every event committed before.
             with _role_held_once(connection):
                 if connection.version == 0:
                     written = await db.execute(
@@ -275,13 +300,31 @@ class PostgresStore:
                 if inserted is None:
                     raise StoreConflict(connection.tenant_id)
             if event is not None:
-                await db.execute(
-                    f"INSERT INTO connection_events ({EVENT_COLUMNS}) "  # noqa: S608 - constant
-                    "VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    *event_row(event),
-                )
+                await self._store_event(db, event)
             await db.execute("SELECT pg_notify($1, $2)", CHANNEL, connection.tenant_id)
         return saved
+
+    async def _store_event(self, db: Any, event: Event) -> None:
+        """Insert `event`, or fold it into the tenant's newest row; then delete the tenant's
+        rows past the bound (store/retention.py). Inside `save`'s transaction, after the
+        connection row was locked."""
+        row = event_row(event)
+        newest = await db.fetchrow(_NEWEST, event.tenant_id, event.tenant_id)
+        kept = 0 if newest is None else newest[6]
+        if newest is not None and retention.repeats(newest, event):
+            await db.execute(_MERGE, row[2], row[3], row[4], row[6], newest[0])
+        else:
+            await db.execute(
+                f"INSERT INTO connection_events ({EVENT_COLUMNS}) "  # noqa: S608 - constant
+                "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                *row,
+            )
+            kept += 1
+        if kept > self._max_events:
+            deleted = await db.fetch(
+                _PRUNE, *retention.prune_values(event.tenant_id, kept - self._max_events)
+            )
+            retention.pruned(event.tenant_id, [r[0] for r in deleted])
 
     async def count_by_status(self) -> dict[str, int]:
         async with self._connection() as db:

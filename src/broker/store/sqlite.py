@@ -18,8 +18,9 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
+from broker.config import DEFAULT_TENANT_MAX_EVENTS
 from broker.models import Connection, Event
-from broker.store import RoleInUse, StoreConflict
+from broker.store import RoleInUse, StoreConflict, retention
 from broker.store.rows import (
     COLUMNS,
     EVENT_COLUMNS,
@@ -77,15 +78,26 @@ MIGRATIONS = (
     CREATE UNIQUE INDEX connections_role_held_once ON connections (role_key)
         WHERE role_key <> '' AND status IN ('ACTIVE', 'SUSPENDED');
     """,
+    # Event retention (store/retention.py): a row may stand for `repeats` events, the first of
+    # them at `first_at` (NULL: one event, at `at`); the index finds a tenant's newest event of
+    # a kind, and its oldest of a kind.
+    """
+    ALTER TABLE connection_events ADD COLUMN repeats INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE connection_events ADD COLUMN first_at TEXT;
+    CREATE INDEX connection_events_by_kind ON connection_events (tenant_id, kind, id);
+    """
+    + ";".join(retention.COMPACT_STORED_LINK_CHANGES),
 )
 
 
 class SqliteStore:
-    """Connections in a SQLite file. `_db` is touched only from the `_worker` thread."""
+    """Connections in a SQLite file. `_db` is touched only from the `_worker` thread. Each
+    tenant keeps `tenant_max_events` events at most (store/retention.py)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, tenant_max_events: int = DEFAULT_TENANT_MAX_EVENTS) -> None:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._db: sqlite3.Connection = self._worker.submit(_open, path).result()
+        self._max_events = tenant_max_events
         self._opened = time.monotonic()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -100,7 +112,9 @@ class SqliteStore:
     async def save(
         self, connection: Connection, *, new_external_id: bool, event: Event | None = None
     ) -> Connection:
-        saved: Connection = await self._run(_save, connection, new_external_id, event)
+        saved: Connection = await self._run(
+            _save, connection, new_external_id, event, self._max_events
+        )
         return saved
 
     async def role_holder(self, role_arn: str) -> str | None:
@@ -215,7 +229,11 @@ def _select(db: sqlite3.Connection, tenant_id: str) -> tuple[Any, ...] | None:
 
 
 def _save(
-    db: sqlite3.Connection, connection: Connection, new_external_id: bool, event: Event | None
+    db: sqlite3.Connection,
+    connection: Connection,
+    new_external_id: bool,
+    event: Event | None,
+    max_events: int,
 ) -> Connection:
     saved = replace(connection, version=connection.version + 1)
     with _transaction(db):
@@ -244,9 +262,28 @@ def _save(
         except sqlite3.IntegrityError:
             raise RoleInUse(connection.tenant_id) from None
         if event is not None:
-            db.execute(
-                f"INSERT INTO connection_events ({EVENT_COLUMNS}) "  # noqa: S608 - constant
-                "VALUES (?,?,?,?,?,?,?)",
-                event_row(event, datetime.isoformat),
-            )
+            _store_event(db, event, max_events)
     return saved
+
+
+def _store_event(db: sqlite3.Connection, event: Event, max_events: int) -> None:
+    """Insert `event`, or fold it into the tenant's newest row; then delete the tenant's rows
+    past `max_events` (store/retention.py). Inside `_save`'s transaction, which BEGIN IMMEDIATE
+    makes the only writer of the file."""
+    row = event_row(event, datetime.isoformat)
+    newest = db.execute(retention.NEWEST, (event.tenant_id, event.tenant_id)).fetchone()
+    kept = 0 if newest is None else newest[6]
+    if newest is not None and retention.repeats(newest, event):
+        db.execute(retention.MERGE, (row[2], row[3], row[4], row[6], newest[0]))
+    else:
+        db.execute(
+            f"INSERT INTO connection_events ({EVENT_COLUMNS}) "  # noqa: S608 - constant
+            "VALUES (?,?,?,?,?,?,?)",
+            row,
+        )
+        kept += 1
+    if kept > max_events:
+        deleted = db.execute(
+            retention.PRUNE, retention.prune_values(event.tenant_id, kept - max_events)
+        ).fetchall()
+        retention.pruned(event.tenant_id, [kind for (kind,) in deleted])
