@@ -1,7 +1,8 @@
 """`make bench`'s code, run small (`python -m bench --quick`) so it cannot rot. Its timings are
 not judged here (these machines are noisy); what must hold on any machine is: the run ends,
-writes every section, every broker answer it counted was OK, and the STS figures that follow
-from single flight and the concurrency bound are exact."""
+writes every section and row, every broker answer it counted was OK, and the STS figures that
+follow from single flight and the concurrency bound are exact: the STS stand-in answered one
+AssumeRole per run, never more at once than the bound, and a reconnect storm lost no stream."""
 
 from __future__ import annotations
 
@@ -11,15 +12,38 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+STREAM_ROWS = [  # of the quick run's 100 streams
+    "all opened with credentials",
+    "opened per second (one AssumeRole each)",
+    "AssumeRole answered while opening",
+    "most AssumeRole in flight while opening",
+    "memory per stream",
+    "renewal round, first to last",
+    "renewed after (min / median / max)",
+    "AssumeRole answered in the renewal round",
+    "most AssumeRole in flight in the renewal round",
+    "renewed only after their credentials expired",
+    "streams that ended",
+]
+STORM_ROWS = [  # of the quick run's 300 streams
+    "all back with credentials after A was killed",
+    "never back",
+    "ended CANCELLED",
+    "reopened streams that failed again",
+    "AssumeRole answered during the storm",
+    "most AssumeRole in flight",
+]
 SECTIONS = {
     "Hot path: IssueCredentials from the cache",
     "STS economy",
     "Cold path: cache misses, STS answering after 50 ms",
     "Streams: WatchCredentials on one broker",
+    "Reconnect storm: every stream moves to another broker at once",
     "Start-up",
     "Memory of the credential cache",
 }
@@ -49,11 +73,36 @@ def test_the_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
     # Single flight: one AssumeRole per run, however many callers asked at once.
     assert named["AssumeRole calls"]["value"] == named["AssumeRole calls"]["baseline"]
     assert named["most AssumeRole calls for one run"]["value"] == 1
-    # The STS concurrency bound held in every burst and renewal round.
+    # Every row of the sections on the STS stand-in, in order.
+    assert _rows(figures, "Streams") == [f"100 streams: {row}" for row in STREAM_ROWS]
+    assert _rows(figures, "Reconnect storm") == [f"300 streams: {row}" for row in STORM_ROWS]
+    cold = _rows(figures, "Cold path")
+    assert cold[0] == "one miss, median"
+    assert cold[1:] == [
+        f"{n} new runs at once: {row}"
+        for n in (1, 20)
+        for row in (
+            "all answered",
+            "AssumeRole answered by the stand-in",
+            "most AssumeRole in flight",
+        )
+    ]
+    # The stand-in answered exactly one AssumeRole per run: per burst, per stream opened, per
+    # stream renewed, per stream reopened in the storm.
+    answered = [f for f in figures if "AssumeRole answered" in f["what"]]
+    assert len(answered) == 5
+    assert all(f["value"] == f["baseline"] and f["met"] for f in answered), answered
+    assert [f["value"] for f in answered] == [1, 20, 100, 100, 300]
+    # The STS concurrency bound held in every burst, opening, renewal round and storm.
     bounded = [f for f in figures if "most AssumeRole in flight" in f["what"]]
-    assert len(bounded) == 3
-    assert all(f["value"] <= f["baseline"] for f in bounded)
+    assert len(bounded) == 5
+    assert all(0 < f["value"] <= f["baseline"] == 32 for f in bounded), bounded
     assert named["100 streams: streams that ended"]["value"] == 0
+    # The storm: every stream back on the other broker, none dropped by gRPC core.
+    assert named["300 streams: never back"]["value"] == 0
+    assert named["300 streams: ended CANCELLED"]["value"] == 0
+    assert named["300 streams: reopened streams that failed again"]["value"] == 0
+    assert named["300 streams: ended CANCELLED"]["note"] == "0 runs hit; A's kill: UNAVAILABLE 300"
 
     table = (tmp_path / "benchmarks.md").read_text()
     assert "| broker (uvloop), c=16: throughput |" in table
@@ -77,6 +126,10 @@ def test_another_revision_is_measured_beside_this_one() -> None:
     assert done.stdout.count("HEAD:") == 3
     assert done.stdout.count("this checkout:") == 3
     assert _worktrees() == worktrees, "the temporary checkout is removed"
+
+
+def _rows(figures: list[dict[str, Any]], section: str) -> list[str]:
+    return [f["what"] for f in figures if f["section"].startswith(section)]
 
 
 def _worktrees() -> list[str]:

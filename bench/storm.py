@@ -1,0 +1,174 @@
+"""A reconnect storm: a broker holding many WatchCredentials streams is killed, and every
+stream is opened again at once on another broker, which has none of the runs cached. How many
+of the reopened streams gRPC core drops (CANCELLED), and how long until all have credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from bench.fakests import DEFAULT_LATENCY
+from bench.report import Figure, Report, sts_bound
+from bench.streams import BOUND, STREAMS_PER_CHANNEL, answered, channels_for, until
+from bench.world import World, capacity, stub_for, warm_up
+from broker.client import RECONNECT_CODES
+from broker.v1 import broker_pb2 as pb
+
+BACKOFF = (0.2, 10.0)  # broker.client.BrokerClient's reconnect backoff, after the first
+
+
+class Roamer:
+    """One run's stream as a launcher holds it: when the stream ends with a code a client
+    reconnects after (broker.client.RECONNECT_CODES), it is opened again on the next broker
+    of `stubs` (staying on the last) at once, and after a further failure with jittered
+    backoff. `endings` holds how each of its streams ended (a status code name, "OK" for a
+    clean end); `arrivals` when each message came."""
+
+    def __init__(self, stubs: Sequence[Any], tenant: str, run: str) -> None:
+        self.request = pb.WatchCredentialsRequest(tenant_id=tenant, run_id=run)
+        self.endings: list[str] = []
+        self.arrivals: list[float] = []
+        self.task = asyncio.create_task(self._roam(stubs))
+
+    async def _roam(self, stubs: Sequence[Any]) -> None:
+        delay = 0.0
+        for attempt in itertools.count():
+            call = stubs[min(attempt, len(stubs) - 1)].WatchCredentials(self.request)
+            try:
+                async for _ in call:
+                    self.arrivals.append(time.monotonic())
+                    delay = 0.0
+                self.endings.append("OK")
+                return
+            except grpc.aio.AioRpcError as error:
+                self.endings.append(error.code().name)
+                if error.code() not in RECONNECT_CODES:
+                    return
+            await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - jitter
+            delay = min(max(2 * delay, BACKOFF[0]), BACKOFF[1])
+
+    def back_at(self, since: float) -> float | None:
+        """When the first message after `since` came, if one has."""
+        return next((t for t in self.arrivals if t > since), None)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def run(world: World, report: Report, *, quick: bool) -> None:
+    section = "Reconnect storm: every stream moves to another broker at once"
+    n = 300 if quick else 10_000
+    report.note(
+        section,
+        f"N streams of one tenant, one run each, are open on broker A ({STREAMS_PER_CHANNEL} "
+        "per connection). A is killed (SIGKILL, as a crashed or evicted replica): each stream "
+        "ends, and each client opens it again at once on broker B, which was serving on the "
+        "same store, already connected, and has none of the runs cached, so B makes one "
+        "AssumeRole per run while the streams pour in. A client whose reopened stream fails "
+        "again retries with broker.client's jittered backoff. Both brokers' AssumeRole goes to "
+        f"the STS stand-in ({DEFAULT_LATENCY * 1000:.0f} ms, counting the calls it answers), "
+        f"with BROKER_STS_MAX_CONCURRENCY={BOUND}; per-tenant and per-caller limits are raised "
+        "out of the way (the default BROKER_TENANT_MAX_STREAMS, 10,000, would admit all of "
+        "them just), and BROKER_MAX_PENDING_REQUESTS is the broker's default. Back: the first "
+        "credentials a stream receives after the kill. Baseline: the time A took to open "
+        "them all in the first place, the same N new sessions with no storm.",
+    )
+    tenant = "storm"
+    store = await world.verified_store(tenant, [tenant])
+    channels = channels_for(n)
+    with (
+        world.fake_sts("storm-sts") as sts,
+        world.broker_on(sts, "storm-a", store, **capacity(BOUND)) as first,
+        world.broker_on(sts, "storm-b", store, **capacity(BOUND)) as second,
+    ):
+        async with (
+            stub_for(first.target, channels) as to_first,
+            stub_for(second.target, channels) as to_second,
+        ):
+            await warm_up(to_second[0], sts, tenant)
+            await warm_up(to_first[0], sts, tenant)
+            opened = time.monotonic()
+            roamers = [
+                Roamer([to_first[i % channels], to_second[i % channels]], tenant, f"run-{i}")
+                for i in range(n)
+            ]
+            await until(lambda: all(r.arrivals or r.task.done() for r in roamers), 600)
+            open_took = max((r.arrivals[0] for r in roamers if r.arrivals), default=opened)
+            open_took -= opened
+            sts.reset()
+            killed = time.monotonic()
+            first.process.kill()
+            await until(lambda: all(r.back_at(killed) or r.task.done() for r in roamers), 600)
+            stats = sts.stats()
+            backs = [r.back_at(killed) for r in roamers]
+            for roamer in roamers:
+                await roamer.stop()
+    back = [t for t in backs if t is not None]
+    took = max(back, default=killed) - killed
+    on_first = Counter(r.endings[0] for r in roamers if r.endings)
+    again = Counter(code for r in roamers for code in r.endings[1:])
+    cancelled = sum(code == "CANCELLED" for r in roamers for code in r.endings)
+    hit = sum("CANCELLED" in r.endings for r in roamers)
+    report.add(
+        Figure(
+            section,
+            f"{n:,} streams: all back with credentials after A was killed",
+            took,
+            "s",
+            open_took,
+            "A opening them, no storm",
+            note=f"{len(back) / took:.0f} streams/s" if took > 0 else "",
+        )
+    )
+    report.add(
+        Figure(
+            section,
+            f"{n:,} streams: never back",
+            n - len(back),
+            "streams",
+            target="= 0",
+            met=len(back) == n,
+        )
+    )
+    report.add(
+        Figure(
+            section,
+            f"{n:,} streams: ended CANCELLED",
+            cancelled,
+            "streams",
+            target="= 0",
+            met=cancelled == 0,
+            note=f"{hit:,} runs hit; A's kill: " + _codes(on_first),
+        )
+    )
+    report.add(
+        Figure(
+            section,
+            f"{n:,} streams: reopened streams that failed again",
+            sum(again.values()),
+            "streams",
+            target="= 0",
+            met=not again,
+            note=_codes(again) if again else "",
+        )
+    )
+    report.add(answered(section, f"{n:,} streams: AssumeRole answered during the storm", stats, n))
+    report.add(
+        sts_bound(
+            section, f"{n:,} streams: most AssumeRole in flight", stats["most_in_flight"], BOUND
+        )
+    )
+
+
+def _codes(counts: Counter[str]) -> str:
+    return ", ".join(f"{code} {count:,}" for code, count in counts.most_common())
