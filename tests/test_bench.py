@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from bench import fakests
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAM_ROWS = [  # of the quick run's 100 streams
@@ -107,6 +114,53 @@ def test_the_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
     table = (tmp_path / "benchmarks.md").read_text()
     assert "| broker (uvloop), c=16: throughput |" in table
     assert "| 1,000 cached runs: RSS (" in table
+
+
+def test_the_sts_stand_in_answers_as_sts_does(tmp_path: Path) -> None:
+    """What the benchmark's brokers get from the stand-in, read by botocore: credentials of
+    real form and size for the session asked, expiring when asked; the caller's identity; an
+    STS error when told to fail; and the count of each."""
+    with fakests.running(tmp_path / "sts.log", core=None, latency=0.001) as sts:
+        client = boto3.client(
+            "sts",
+            region_name="us-east-1",
+            endpoint_url=sts.url,
+            aws_access_key_id="AKIAIOSFODNN7EXAMPLE",
+            aws_secret_access_key="not-checked",
+            config=Config(retries={"total_max_attempts": 1}),
+        )
+        ask = {
+            "RoleArn": "arn:aws:iam::222222222222:role/path/Reader",
+            "RoleSessionName": "run-7",
+            "DurationSeconds": 900,
+            "ExternalId": "e" * 32,
+            "SourceIdentity": "acme",
+            "PolicyArns": [{"arn": "arn:aws:iam::aws:policy/ReadOnlyAccess"}],
+            "Tags": [{"Key": "tenant", "Value": "acme"}],
+        }
+        answer = client.assume_role(**ask)
+        issued = answer["Credentials"]
+        assert re.fullmatch(r"ASIA[A-Z2-7]{16}", issued["AccessKeyId"])
+        assert len(issued["SecretAccessKey"]) == 40
+        assert len(issued["SessionToken"]) == fakests.SESSION_TOKEN_CHARS
+        assert 0 < (issued["Expiration"] - datetime.now(UTC)).total_seconds() <= 900
+        assert answer["AssumedRoleUser"]["Arn"] == (
+            "arn:aws:sts::222222222222:assumed-role/Reader/run-7"
+        )
+        assert answer["AssumedRoleUser"]["AssumedRoleId"].endswith(":run-7")
+        assert answer["SourceIdentity"] == "acme"
+        assert client.assume_role(**ask)["Credentials"]["AccessKeyId"] != issued["AccessKeyId"]
+        assert client.get_caller_identity()["Arn"] == fakests.CALLER_ARN
+
+        sts.configure(error="Throttling")
+        with pytest.raises(ClientError) as refused:
+            client.assume_role(**ask)
+        assert refused.value.response["Error"]["Code"] == "Throttling"
+        stats = sts.stats()
+        assert (stats["AssumeRole"], stats["GetCallerIdentity"], stats["errors"]) == (2, 1, 1)
+        assert (stats["in_flight"], stats["most_in_flight"]) == (0, 1)
+        sts.reset()
+        assert sts.stats()["AssumeRole"] == 0
 
 
 def test_another_revision_is_measured_beside_this_one() -> None:
