@@ -161,7 +161,7 @@ async def cold(world: World, report: Report, *, quick: bool) -> None:
                         "ms",
                         direct["bursts"][str(n)] * 1000,
                         "the same calls made directly",
-                        note=f"{n / took:.0f} AssumeRole/s",
+                        note=f"{n / took:.0f} AssumeRole/s" if n > 1 else "",
                     )
                 )
                 report.add(
