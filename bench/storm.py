@@ -80,9 +80,9 @@ async def run(world: World, report: Report, *, quick: bool) -> None:
         f"the STS stand-in ({DEFAULT_LATENCY * 1000:.0f} ms, counting the calls it answers), "
         f"with BROKER_STS_MAX_CONCURRENCY={BOUND}; per-tenant and per-caller limits are raised "
         "out of the way (one tenant holds every stream), and BROKER_MAX_PENDING_REQUESTS is "
-        f"the broker's default ({DEFAULT_MAX_PENDING_REQUESTS:,}). Back: the first credentials a stream receives after "
-        "the kill. Baseline: the time A took to open them all in the first place, the same N "
-        "new sessions with no storm.",
+        f"the broker's default ({DEFAULT_MAX_PENDING_REQUESTS:,}). Back: the first credentials "
+        "a stream receives after the kill. Baseline: the time A took to open them all in the "
+        "first place, the same N new sessions with no storm.",
     )
     tenant = "storm"
     store = await world.verified_store(tenant, [tenant])
