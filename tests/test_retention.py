@@ -5,7 +5,9 @@ What the API shows is checked through gRPC, what the store holds by reading the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -19,7 +21,7 @@ import pytest
 from broker.config import ConfigError
 from broker.emulator import Identity, LocalAws
 from broker.models import Check, Connection, Event, Status
-from broker.store import ConnectionStore, StoreConflict, open_store
+from broker.store import ConnectionStore, StoreConflict, open_store, retention
 from broker.store import postgres as postgres_store
 from broker.store import sqlite as sqlite_store
 from broker.v1 import broker_pb2 as pb
@@ -30,36 +32,34 @@ REGIONS = ("eu-west-1", "us-east-1")
 MISSING_ROLES = tuple(f"arn:aws:iam::222222222222:role/never-created-{n}" for n in "ab")
 
 
-async def stored(database_url: str, tenant: str) -> list[tuple[str, int, str, str]]:
+async def sql(database_url: str, statement: str, *values: Any) -> list[tuple[Any, ...]]:
+    """Run `statement` (with `?` placeholders) on the store's database itself; its rows."""
+    if database_url.startswith("sqlite:///"):
+        path = database_url.removeprefix("sqlite:///")
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            return [tuple(row) for row in db.execute(statement, values).fetchall()]
+    pg = await asyncpg.connect(database_url)
+    try:
+        return [tuple(row) for row in await pg.fetch(retention.numbered(statement), *values)]
+    finally:
+        await pg.close()
+
+
+async def stored(database_url: str, tenant: str) -> list[tuple[Any, ...]]:
     """The tenant's event rows as the database holds them, oldest first:
     (kind, repeats, external_id, role_arn)."""
-    query = (
+    return await sql(
+        database_url,
         "SELECT kind, repeats, external_id, role_arn FROM connection_events "
-        "WHERE tenant_id = {} ORDER BY id"
+        "WHERE tenant_id = ? ORDER BY id",
+        tenant,
     )
-    if database_url.startswith("sqlite:///"):
-        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as db:
-            rows = db.execute(query.format("?"), (tenant,)).fetchall()
-        return [tuple(row) for row in rows]
-    db = await asyncpg.connect(database_url)
-    try:
-        return [tuple(row) for row in await db.fetch(query.format("$1"), tenant)]
-    finally:
-        await db.close()
 
 
 async def count_stored(database_url: str, tenant: str) -> int:
     """How many event rows the tenant has in the database (a schema of any version)."""
-    if database_url.startswith("sqlite:///"):
-        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as db:
-            query = "SELECT count(*) FROM connection_events WHERE tenant_id = ?"
-            return int(db.execute(query, (tenant,)).fetchone()[0])
-    db = await asyncpg.connect(database_url)
-    try:
-        query = "SELECT count(*) FROM connection_events WHERE tenant_id = $1"
-        return int(await db.fetchval(query, tenant))
-    finally:
-        await db.close()
+    query = "SELECT count(*) FROM connection_events WHERE tenant_id = ?"
+    return int((await sql(database_url, query, tenant))[0][0])
 
 
 async def listed(running: Running, tenant: str) -> list[pb.ConnectionEvent]:
@@ -102,11 +102,12 @@ async def test_a_thousand_region_toggles_keep_one_link_changed(
 
 
 async def test_past_the_bound_link_changed_go_first_then_the_oldest_audit_events(
-    small_bound: Running, tenant: str
+    small_bound: Running, tenant: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Five rounds of connect (created), move the link (link_changed), disconnect: 15 events,
     10 kept. The link changes went first, all but the newest, while older audit events stayed;
-    then the oldest audit event."""
+    then the oldest audit event, and a warning says so."""
+    caplog.set_level(logging.WARNING, logger="broker.store.retention")
     stub = small_bound.stub
     ids = []
     for round_ in range(5):
@@ -122,6 +123,7 @@ async def test_past_the_bound_link_changed_go_first_then_the_oldest_audit_events
                 "created", "link_changed", "disconnected",
                 "created", "link_changed", "disconnected",
             ]  # fmt: skip
+            assert caplog.records == []  # link changes go silently
     assert await count_stored(small_bound.database_url, tenant) == 10
     expected = [
         ("disconnected", ids[0]),
@@ -134,6 +136,12 @@ async def test_past_the_bound_link_changed_go_first_then_the_oldest_audit_events
     assert [(kind, external_id) for kind, _, external_id, _ in rows] == expected
     events = await listed(small_bound, tenant)
     assert [(e.kind, e.external_id) for e in events] == expected[::-1]
+    [warning] = caplog.records
+    assert (warning.levelname, warning.tenant, warning.deleted) == (  # type: ignore[attr-defined]
+        "WARNING",
+        tenant,
+        {"created": 1},
+    )
 
 
 async def test_repeated_verification_failures_compact_and_the_current_created_stays(
@@ -250,21 +258,17 @@ async def race(database_url: str, bound: int, rounds: int) -> tuple[list[Writer]
         first = Connection("racer", Status.PENDING, "r" * 32, REGIONS[0], datetime.now(UTC))
         await stores[0].save(first, new_external_id=True, event=event(first, "created", "setup"))
         writers = [Writer(store, "racer", f"replica-{i}") for i, store in enumerate(stores)]
-        done = asyncio.Event()
         most = 0
 
-        async def watch() -> None:
+        async def watch(runs: list[asyncio.Task[None]]) -> None:
             nonlocal most
-            while not done.is_set():
+            while not all(run.done() for run in runs):
                 most = max(most, await count_stored(database_url, "racer"))
                 await asyncio.sleep(0.001)  # SQLite's count does not wait on the loop
 
-        watcher = asyncio.create_task(watch())
-        try:
-            await asyncio.gather(*(writer.run(rounds) for writer in writers))
-        finally:
-            done.set()
-            await watcher
+        async with asyncio.TaskGroup() as tasks:  # one failing cancels the others
+            runs = [tasks.create_task(writer.run(rounds)) for writer in writers]
+            tasks.create_task(watch(runs))
         return writers, max(most, await count_stored(database_url, "racer"))
     finally:
         for store in stores:
@@ -303,19 +307,20 @@ async def test_two_writers_at_once_never_pass_the_bound(database_url: str) -> No
 async def _old_schema(database_url: str) -> None:
     """The database as the broker before retention left it: every migration but the last."""
     if database_url.startswith("sqlite:///"):
-        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as db:
+        path = database_url.removeprefix("sqlite:///")
+        with contextlib.closing(sqlite3.connect(path)) as db:
             for script in sqlite_store.MIGRATIONS[:-1]:
                 db.executescript(script)
             db.execute(f"PRAGMA user_version = {len(sqlite_store.MIGRATIONS) - 1}")
         return
-    db = await asyncpg.connect(database_url)
+    pg = await asyncpg.connect(database_url)
     try:
-        await db.execute("CREATE TABLE broker_schema (version INTEGER NOT NULL)")
+        await pg.execute("CREATE TABLE broker_schema (version INTEGER NOT NULL)")
         for number, script in enumerate(postgres_store.MIGRATIONS[:-1], start=1):
-            await db.execute(script)
-            await db.execute("INSERT INTO broker_schema VALUES ($1)", number)
+            await pg.execute(script)
+            await pg.execute("INSERT INTO broker_schema VALUES ($1)", number)
     finally:
-        await db.close()
+        await pg.close()
 
 
 async def test_events_stored_before_retention_are_compacted_when_migrating(
@@ -324,21 +329,23 @@ async def test_events_stored_before_retention_are_compacted_when_migrating(
     """An older broker's run of link changes becomes one row counting them and keeping when
     the run began; the audit events between runs stay as they were."""
     await _old_schema(database_url)
-    kinds = ["created"] + ["link_changed"] * 5 + ["verified"] + ["link_changed"] * 3
+    on_sqlite = database_url.startswith("sqlite:///")
     start = datetime(2025, 1, 1, tzinfo=UTC)
-    rows = [("legacy", kind, start + timedelta(minutes=i)) for i, kind in enumerate(kinds)]
-    rows.append(("other", "link_changed", start))
-    insert = "INSERT INTO connection_events VALUES (DEFAULT, {}, {}, {}, 'ui', '', 'x', '[]')"
-    if database_url.startswith("sqlite:///"):
-        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as db:
-            sql = insert.replace("DEFAULT", "NULL").format("?", "?", "?")
-            db.executemany(sql, [(t, k, at.isoformat()) for t, k, at in rows])
-    else:
-        db = await asyncpg.connect(database_url)
-        try:
-            await db.executemany(insert.format("$1", "$2", "$3"), rows)
-        finally:
-            await db.close()
+
+    def minute(n: int) -> datetime:
+        return start + timedelta(minutes=n)
+
+    kinds = ["created"] + ["link_changed"] * 5 + ["verified"] + ["link_changed"] * 3
+    rows = [("legacy", kind, minute(i)) for i, kind in enumerate(kinds)]
+    for tenant, kind, at in [*rows, ("other", "link_changed", start)]:
+        await sql(
+            database_url,
+            "INSERT INTO connection_events (tenant_id, kind, at, actor, role_arn, external_id, "
+            "checks) VALUES (?, ?, ?, 'ui', '', 'x', '[]')",
+            tenant,
+            kind,
+            at.isoformat() if on_sqlite else at,
+        )
     store = await open_store(database_url)
     try:
         events = await store.events("legacy", 100)
@@ -351,27 +358,17 @@ async def test_events_stored_before_retention_are_compacted_when_migrating(
         ("link_changed", 3),
     ]
     assert [(e.kind, e.at) for e in events] == [
-        ("link_changed", start + timedelta(minutes=9)),
-        ("verified", start + timedelta(minutes=6)),
-        ("link_changed", start + timedelta(minutes=5)),
+        ("link_changed", minute(9)),
+        ("verified", minute(6)),
+        ("link_changed", minute(5)),
         ("created", start),
     ]
     assert [row[:2] for row in await stored(database_url, "other")] == [("link_changed", 1)]
-    first_at = await _first_at(database_url, "legacy")
-    assert first_at == [None, start + timedelta(minutes=1), None, start + timedelta(minutes=7)]
-
-
-async def _first_at(database_url: str, tenant: str) -> list[datetime | None]:
-    query = "SELECT first_at FROM connection_events WHERE tenant_id = {} ORDER BY id"
-    if database_url.startswith("sqlite:///"):
-        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as db:
-            found = db.execute(query.format("?"), (tenant,)).fetchall()
-        return [None if at is None else datetime.fromisoformat(at) for (at,) in found]
-    db = await asyncpg.connect(database_url)
-    try:
-        return [row[0] for row in await db.fetch(query.format("$1"), tenant)]
-    finally:
-        await db.close()
+    query = "SELECT first_at FROM connection_events WHERE tenant_id = ? ORDER BY id"
+    first_at = [at for (at,) in await sql(database_url, query, "legacy")]
+    if on_sqlite:
+        first_at = [at and datetime.fromisoformat(at) for at in first_at]
+    assert first_at == [None, minute(1), None, minute(7)]
 
 
 async def test_a_bound_too_small_to_keep_each_kind_is_refused(database_url: str) -> None:

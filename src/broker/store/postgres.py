@@ -261,6 +261,7 @@ class PostgresStore:
         self, connection: Connection, *, new_external_id: bool, event: Event | None = None
     ) -> Connection:
         saved = replace(connection, version=connection.version + 1)
+        deleted: list[str] = []
         columns = COLUMNS.split(", ")
         # READ COMMITTED whatever the database's default: a writer that waited for another's
         # row lock then sees the version that one committed, and fails StoreConflict (retried)
@@ -300,14 +301,15 @@ class PostgresStore:
                 if inserted is None:
                     raise StoreConflict(connection.tenant_id)
             if event is not None:
-                await self._store_event(db, event)
+                deleted = await self._store_event(db, event)
             await db.execute("SELECT pg_notify($1, $2)", CHANNEL, connection.tenant_id)
+        retention.pruned(connection.tenant_id, deleted)
         return saved
 
-    async def _store_event(self, db: Any, event: Event) -> None:
+    async def _store_event(self, db: Any, event: Event) -> list[str]:
         """Insert `event`, or fold it into the tenant's newest row; then delete the tenant's
-        rows past the bound (store/retention.py). Inside `save`'s transaction, after the
-        connection row was locked."""
+        rows past the bound (store/retention.py), and return their kinds. Inside `save`'s
+        transaction, after the connection was written."""
         row = event_row(event)
         newest = await db.fetchrow(_NEWEST, event.tenant_id, event.tenant_id)
         kept = 0 if newest is None else newest[6]
@@ -320,11 +322,10 @@ class PostgresStore:
                 *row,
             )
             kept += 1
-        if kept > self._max_events:
-            deleted = await db.fetch(
-                _PRUNE, *retention.prune_values(event.tenant_id, kept - self._max_events)
-            )
-            retention.pruned(event.tenant_id, [r[0] for r in deleted])
+        if kept <= self._max_events:
+            return []
+        values = retention.prune_values(event.tenant_id, kept - self._max_events)
+        return [deleted["kind"] for deleted in await db.fetch(_PRUNE, *values)]
 
     async def count_by_status(self) -> dict[str, int]:
         async with self._connection() as db:

@@ -236,6 +236,7 @@ def _save(
     max_events: int,
 ) -> Connection:
     saved = replace(connection, version=connection.version + 1)
+    deleted: list[str] = []
     with _transaction(db):
         row = db.execute(
             "SELECT version FROM connections WHERE tenant_id = ?", (connection.tenant_id,)
@@ -262,14 +263,15 @@ def _save(
         except sqlite3.IntegrityError:
             raise RoleInUse(connection.tenant_id) from None
         if event is not None:
-            _store_event(db, event, max_events)
+            deleted = _store_event(db, event, max_events)
+    retention.pruned(connection.tenant_id, deleted)
     return saved
 
 
-def _store_event(db: sqlite3.Connection, event: Event, max_events: int) -> None:
+def _store_event(db: sqlite3.Connection, event: Event, max_events: int) -> list[str]:
     """Insert `event`, or fold it into the tenant's newest row; then delete the tenant's rows
-    past `max_events` (store/retention.py). Inside `_save`'s transaction, which BEGIN IMMEDIATE
-    makes the only writer of the file."""
+    past `max_events` (store/retention.py), and return their kinds. Inside `_save`'s
+    transaction, which BEGIN IMMEDIATE makes the only writer of the file."""
     row = event_row(event, datetime.isoformat)
     newest = db.execute(retention.NEWEST, (event.tenant_id, event.tenant_id)).fetchone()
     kept = 0 if newest is None else newest[6]
@@ -282,8 +284,7 @@ def _store_event(db: sqlite3.Connection, event: Event, max_events: int) -> None:
             row,
         )
         kept += 1
-    if kept > max_events:
-        deleted = db.execute(
-            retention.PRUNE, retention.prune_values(event.tenant_id, kept - max_events)
-        ).fetchall()
-        retention.pruned(event.tenant_id, [kind for (kind,) in deleted])
+    if kept <= max_events:
+        return []
+    values = retention.prune_values(event.tenant_id, kept - max_events)
+    return [kind for (kind,) in db.execute(retention.PRUNE, values).fetchall()]
