@@ -213,9 +213,9 @@ class Settings(BaseSettings):
     tenant_max_events: int = Field(
         DEFAULT_TENANT_MAX_EVENTS,
         ge=10,
-        description="Events kept per tenant. Repeated link_changed events are compacted to "
-        "the latest; past this bound the oldest events go, but never the audit trail's "
-        "created, verified, verification_failed and disconnected (docs/deploy.md, retention).",
+        description="Event rows kept per tenant. A repeat of the tenant's newest event is "
+        "folded into it, with a count; past this bound the oldest rows go, link_changed before "
+        "audit events, never the newest event of each kind (docs/deploy.md, event retention).",
     )
     verify_wait: float = Field(
         DEFAULT_VERIFY_WAIT,
