@@ -290,12 +290,22 @@ async def test_a_hung_region_costs_a_call_two_short_timeouts(
 ) -> None:
     """A region that takes requests and never answers: the call moves on after its two
     attempts of 2 s (botocore's single-region default would be three of 5 s, and fail this
-    call's deadline), and later calls go straight to the next region."""
+    call's deadline). The first attempt's timeout opens the breaker, so a call that starts
+    while the first makes its second attempt goes straight to the next region."""
     await connect(running, local_aws, tenant)
     regions[0].hang()
-    await issue(running, tenant, "hung", timeout=12)
-    await issue(running, tenant, "after", timeout=12)
-    assert issued_in(sts_log, {"hung", "after"}) == [SECOND, SECOND]
+    hung = asyncio.create_task(issue(running, tenant, "hung", timeout=12))
+    try:
+        deadline = time.monotonic() + 10
+        while breaker(await scrape(running), FIRST) != "open":
+            assert time.monotonic() < deadline, "no attempt timed out"
+            await asyncio.sleep(0.1)
+        await issue(running, tenant, "meanwhile", timeout=12)
+        assert not hung.done(), "the first call is still on its second attempt there"
+    finally:
+        await asyncio.gather(hung, return_exceptions=True)
+    await hung
+    assert sorted(issued_in(sts_log, {"hung", "meanwhile"})) == [SECOND, SECOND]
 
 
 async def test_every_region_down_is_unavailable_and_cached_credentials_are_still_served(

@@ -399,18 +399,19 @@ class RegionalEndpoint:
         self._released = threading.Event()
         self._released.set()
         self._lock = threading.Lock()
-        self._server = self._serve(0)
+        self._server, self._thread = self._serve(0)
         self.port: int = self._server.server_port
         self._reserved: socket.socket | None = None
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
 
-    def _serve(self, port: int) -> BaseWSGIServer:
+    def _serve(self, port: int) -> tuple[BaseWSGIServer, threading.Thread]:
         server = make_server(
             "127.0.0.1", port, self._answer, threaded=True, request_handler=_TrackedHandler
         )
         server.open = set()  # type: ignore[attr-defined]
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        return server
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        return server, thread
 
     def _answer(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if self.mode == "hang":
@@ -434,9 +435,7 @@ class RegionalEndpoint:
                 return
             self._stop_serving()
             # Bound but not listening: a connection is refused, and no one else takes the port.
-            self._reserved = socket.socket()
-            self._reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._reserved.bind(("127.0.0.1", self.port))
+            self._reserved = _reserve(self.port)
             self.mode = "down"
             self._released.set()
 
@@ -467,6 +466,8 @@ class RegionalEndpoint:
 
     def _stop_serving(self) -> None:
         self._server.shutdown()
+        # Its thread closes the listening socket too: until it has, the port is not free.
+        self._thread.join()
         self._server.server_close()
         for connection in list(self._server.open):  # type: ignore[attr-defined]
             with contextlib.suppress(OSError):
@@ -476,7 +477,22 @@ class RegionalEndpoint:
         assert self._reserved is not None
         self._reserved.close()
         self._reserved = None
-        self._server = self._serve(self.port)
+        self._server, self._thread = self._serve(self.port)
+
+
+def _reserve(port: int) -> socket.socket:
+    """A socket bound to 127.0.0.1:`port` that does not listen. A listening socket just closed
+    may hold the port for a moment more: a few tries, for a second at most."""
+    for _ in range(100):
+        reserved = socket.socket()
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            reserved.bind(("127.0.0.1", port))
+            return reserved
+        except OSError:
+            reserved.close()
+            time.sleep(0.01)
+    raise OSError(f"port {port} stays taken: cannot take the endpoint down")
 
 
 class LocalAws(EmulatorClient):
