@@ -67,9 +67,10 @@ def main() -> int:
     report = Report()
     started = time.monotonic()
     asyncio.run(measure(report, quick=args.quick, only=args.only))
-    command = "make bench" if not args.quick else "python -m bench --quick"
-    if args.only:
-        command += " --only " + " ".join(f"'{name}'" for name in args.only)
+    command = "make bench"
+    if args.quick or args.only:
+        command = "python -m bench" + (" --quick" if args.quick else "")
+        command += "".join(f" --only '{name}'" for name in args.only)
     report.write(args.out, machine(), command)
     missed = [f for f in report.figures if f.met is False]
     print(

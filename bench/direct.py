@@ -1,9 +1,10 @@
 """The cold path's baseline: the broker's own STS client (broker.aws.AwsClient) making the
-AssumeRole calls a cache miss makes, with no broker around it, from its own process (as the
-broker is). Prints JSON: the latency of each of `samples` calls made one after another, and
-how long each burst of N calls at once took under the same concurrency bound.
+AssumeRole calls a cache miss makes, with no broker around it, from its own process on the
+broker's event loop (uvloop), its STS region's endpoint set as the broker's is
+(BROKER_STS_ENDPOINT_URLS). Prints JSON: the latency of each of `samples` calls made one after
+another, and how long each burst of N calls at once took under the same concurrency bound.
 
-    python -m bench.direct '{"endpoint": …, "key": …, "secret": …, "grant": [...], …}'"""
+    python -m bench.direct '{"region": …, "endpoint": …, "key": …, "secret": …, "grant": […], …}'"""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+import uvloop
+
 from broker.aws import AwsClient
 from broker.credentials import run_request
 from broker.models import Grant
@@ -21,8 +24,9 @@ from broker.models import Grant
 async def measure(spec: dict[str, Any]) -> dict[str, Any]:
     base = Grant(*spec["grant"])
     aws = AwsClient(
-        region=base.region,
-        endpoint_url=spec["endpoint"],
+        region=spec["region"],
+        regions=(spec["region"],),
+        sts_endpoint_urls=(f"{spec['region']}={spec['endpoint']}",),
         static_credentials=(spec["key"], spec["secret"]),
         max_concurrency=spec["bound"],
     )
@@ -49,4 +53,4 @@ async def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(measure(json.loads(sys.argv[1])))))
+    print(json.dumps(uvloop.run(measure(json.loads(sys.argv[1])))))

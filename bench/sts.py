@@ -18,6 +18,7 @@ from bench.fakests import FakeSts
 from bench.procs import pinned
 from bench.report import Figure, Report, sts_bound
 from bench.world import SERVER_CORE, World, capacity, connect, stub_for, warm_up
+from broker.config import DEFAULT_REGION
 from broker.v1 import broker_pb2 as pb
 
 STS_LATENCY = 0.050
@@ -114,7 +115,8 @@ async def cold(world: World, report: Report, *, quick: bool) -> None:
             report.note(
                 section,
                 "A miss: IssueCredentials for a new run, against the same AssumeRole made by "
-                "the broker's own STS client alone in its own process (pinned like the broker); "
+                "the broker's own STS client alone in its own process (pinned like the broker, "
+                "on the same event loop, uvloop); "
                 f"medians of {samples} each. Bursts: N new runs asked at once over 8 "
                 f"connections, with BROKER_STS_MAX_CONCURRENCY={bound}, against the same N calls "
                 "made directly under the same bound. Both call the STS stand-in "
@@ -201,6 +203,7 @@ def _direct(
 ) -> dict[str, Any]:
     """bench.direct's measurements: the same AssumeRole calls, by the broker's STS client alone."""
     spec = {
+        "region": DEFAULT_REGION,
         "endpoint": sts.url,
         "key": world.identity.access_key_id,
         "secret": world.identity.secret_access_key,

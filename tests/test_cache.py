@@ -1,9 +1,11 @@
-"""The credential cache with a fake source and a fake clock: no sleeping, no AWS."""
+"""The credential cache with a fake source and a fake clock: no sleeping, no AWS. (The two
+refresh windows: tests/test_refresh.py; fair eviction: tests/test_fair_cache.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,6 +15,7 @@ from broker.errors import RoleNotAssumable, TransientAwsError
 from broker.models import Credentials, Grant
 
 MARGIN = 1200.0
+MANDATORY = 600.0
 LIFETIME = 3600.0
 
 
@@ -25,11 +28,13 @@ class Clock:
 
 
 class FakeSource:
-    """Mints numbered credentials; can be told to fail or to wait for a gate."""
+    """Mints numbered credentials; can be told to fail or to wait for a gate. Counts the calls
+    begun, and those cancelled."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.calls: list[Grant] = []
+        self.cancelled = 0
         self.fail: Exception | None = None
         self.gate: asyncio.Event | None = None
         self._numbers = itertools.count(1)
@@ -37,7 +42,11 @@ class FakeSource:
     async def get(self, grant: Grant) -> Credentials:
         self.calls.append(grant)
         if self.gate is not None:
-            await self.gate.wait()
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         if self.fail is not None:
             raise self.fail
         issued = datetime.fromtimestamp(self.clock.now, UTC)
@@ -65,20 +74,45 @@ def source(clock: Clock) -> FakeSource:
     return FakeSource(clock)
 
 
-def make_cache(source: FakeSource, clock: Clock, max_entries: int = 100) -> CredentialCache:
-    return CredentialCache(source, refresh_margin=MARGIN, max_entries=max_entries, clock=clock)
+def make_cache(
+    source: FakeSource,
+    clock: Clock,
+    max_entries: int = 100,
+    admit: Callable[[Grant], None] | None = None,
+) -> CredentialCache:
+    return CredentialCache(
+        source,
+        refresh_margin=MARGIN,
+        refresh_mandatory=MANDATORY,
+        max_entries=max_entries,
+        admit=admit,
+        clock=clock,
+    )
 
 
-async def test_hit_until_the_refresh_point_then_renewed(source: FakeSource, clock: Clock) -> None:
+async def settled(cache: CredentialCache) -> None:
+    """Let the STS calls under way (none held at a gate) finish and be stored."""
+    for _ in range(100):
+        if not cache.in_flight:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("an STS call is still under way")
+
+
+async def test_hit_until_the_mandatory_point_then_waited_for(
+    source: FakeSource, clock: Clock
+) -> None:
     cache = make_cache(source, clock)
     first = await cache.get(grant())
     clock.now += LIFETIME - MARGIN - 1
     assert (await cache.get(grant())).access_key_id == first.access_key_id
-    clock.now += 2
+    assert len(source.calls) == 1
+    clock.now += MARGIN - MANDATORY + 2  # past the mandatory point, no renewal before
     renewed = await cache.get(grant())
     assert renewed.access_key_id != first.access_key_id
     assert len(source.calls) == 2
     assert cache.stats.hits == 1
+    assert cache.stats.background_renewals == 0
 
 
 async def test_concurrent_misses_make_one_call(source: FakeSource, clock: Clock) -> None:
@@ -111,11 +145,16 @@ async def test_stale_credentials_served_while_sts_fails_transiently(
 ) -> None:
     cache = make_cache(source, clock)
     first = await cache.get(grant())
-    clock.now += LIFETIME - MARGIN + 60
+    clock.now += LIFETIME - MANDATORY + 60  # in the mandatory window: the call waits for STS
     source.fail = TransientAwsError("throttled")
     assert (await cache.get(grant())).access_key_id == first.access_key_id
     assert cache.stats.stale_served == 1
-    clock.now += MARGIN  # now expired: nothing valid to serve
+    assert len(source.calls) == 2
+    # Backing off: the next call does not ask STS again, and is served the same.
+    assert (await cache.get(grant())).access_key_id == first.access_key_id
+    assert len(source.calls) == 2
+    assert cache.stats.stale_served == 2
+    clock.now += MANDATORY  # now expired: nothing valid to serve
     with pytest.raises(TransientAwsError):
         await cache.get(grant())
 
@@ -125,7 +164,7 @@ async def test_permanent_refusal_drops_the_whole_tenant(source: FakeSource, cloc
     await cache.get(grant("a"))
     await cache.get(grant("b"))
     await cache.get(grant("c", tenant="other"))
-    clock.now += LIFETIME - MARGIN + 1
+    clock.now += LIFETIME - MANDATORY + 1
     source.fail = RoleNotAssumable("AccessDenied", code="AccessDenied")
     with pytest.raises(RoleNotAssumable):
         await cache.get(grant("a"))
@@ -199,5 +238,87 @@ async def test_short_lifetimes_are_renewed_half_way_not_every_call(
     first = await cache.get(grant())
     clock.now += LIFETIME / 2 - 1
     assert (await cache.get(grant())).access_key_id == first.access_key_id
-    clock.now += 2
+    assert len(source.calls) == 1
+    clock.now += 2  # past half-life: renewed in the background, the call answered at once
+    assert (await cache.get(grant())).access_key_id == first.access_key_id
+    await settled(cache)
     assert (await cache.get(grant())).access_key_id != first.access_key_id
+    assert len(source.calls) == 2
+
+
+async def test_the_only_caller_giving_up_abandons_the_call(
+    source: FakeSource, clock: Clock
+) -> None:
+    """A call that nobody waits for any more (not a background renewal) is cancelled."""
+    cache = make_cache(source, clock)
+    source.gate = asyncio.Event()
+    impatient = asyncio.create_task(cache.get(grant()))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await impatient
+    await settled(cache)
+    assert source.cancelled == 1
+    assert len(cache) == 0
+
+
+class Refused(Exception):
+    """What a test's `admit` raises."""
+
+
+class Admissions:
+    """An `admit` hook that records the grants it was asked about, and can refuse."""
+
+    def __init__(self) -> None:
+        self.asked: list[Grant] = []
+        self.refuse = False
+
+    def __call__(self, grant: Grant) -> None:
+        self.asked.append(grant)
+        if self.refuse:
+            raise Refused(grant.run_id)
+
+
+async def test_admit_refusing_a_new_run_reaches_the_caller_and_starts_nothing(
+    source: FakeSource, clock: Clock
+) -> None:
+    admit = Admissions()
+    cache = make_cache(source, clock, admit=admit)
+    admit.refuse = True
+    with pytest.raises(Refused):
+        await cache.get(grant("new"))
+    assert source.calls == []
+    assert cache.in_flight == 0
+    assert admit.asked == [grant("new")]
+    admit.refuse = False
+    await cache.get(grant("new"))
+    assert len(source.calls) == 1
+
+
+async def test_admit_is_asked_once_per_new_run_not_for_joining_or_renewals(
+    source: FakeSource, clock: Clock
+) -> None:
+    admit = Admissions()
+    cache = make_cache(source, clock, admit=admit)
+    source.gate = asyncio.Event()
+    waiters = [asyncio.create_task(cache.get(grant())) for _ in range(5)]
+    stream = asyncio.create_task(cache.get(grant(), newer_than="ASIA0000"))
+    await asyncio.sleep(0)
+    source.gate.set()
+    await asyncio.gather(*waiters, stream)
+    assert admit.asked == [grant()], "the calls joining the one under way were not asked"
+
+    admit.refuse = True  # from here on, any question would fail the call
+    clock.now += LIFETIME - MARGIN + 1  # advisory window: a background renewal
+    await cache.get(grant())
+    await settled(cache)
+    clock.now += LIFETIME - MANDATORY + 1  # past the renewed entry's mandatory point
+    await cache.get(grant())
+    held = await cache.get(grant())
+    await cache.get(grant(), newer_than=held.access_key_id)  # a stream's renewal
+    assert len(source.calls) == 4
+    assert admit.asked == [grant()]
+    cache.release("t", "run")  # the run ended: the same id again is a new run
+    with pytest.raises(Refused):
+        await cache.get(grant())
+    assert len(source.calls) == 4

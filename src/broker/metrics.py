@@ -22,6 +22,8 @@ class CacheCounts(Protocol):
     misses: int
     stale_served: int
     evictions: int
+    background_renewals: int
+    background_failures: int
 
 
 class CacheView(Sized, Protocol):
@@ -219,6 +221,18 @@ class _Live(Collector):
                 "broker_cache_stale_served",
                 stats.stale_served,
                 "Still-valid credentials served because renewal failed transiently.",
+            ),
+            (
+                "broker_cache_background_renewals",
+                stats.background_renewals,
+                "Renewals started in the background, for a call inside the advisory window "
+                "(BROKER_REFRESH_MARGIN) answered from the cache.",
+            ),
+            (
+                "broker_cache_background_failures",
+                stats.background_failures,
+                "Background renewals that failed (transient: retried after a pause while the "
+                "cache serves; refused: the tenant is evicted).",
             ),
         ):
             yield CounterMetricFamily(name, text, value=value)

@@ -223,6 +223,7 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
     cache = CredentialCache(
         ConfirmedSource(TenantShare(sts, limits), connections),
         refresh_margin=settings.refresh_margin,
+        refresh_mandatory=settings.refresh_mandatory,
         max_entries=settings.cache_max_entries,
     )
     server = grpc.aio.server(options=server_options(settings))
