@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -28,7 +27,8 @@ from broker.emulator import CUSTOMER_ACCOUNT, Identity, LocalAws, RegionalEndpoi
 from broker.v1 import broker_pb2 as pb
 from tests.conftest import Running, StsLog, connect, metrics_text, settings_for, start_broker
 from tests.faults import FaultyAws
-from tests.processes import BrokerProcess
+from tests.processes import BIN
+from tests.test_cli import SERVICE, Dev, run
 from tests.test_observability import enumerated
 
 FIRST, SECOND = "us-east-1", "us-west-2"
@@ -513,31 +513,42 @@ def test_a_regional_endpoint_answers_only_requests_signed_for_its_region(
         caller(FIRST, regions[1])
 
 
-def test_broker_dev_serves_each_region_and_takes_one_down(tmp_path: Path) -> None:
+def test_broker_dev_serves_each_region_and_takes_one_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`broker dev` with BROKER_STS_REGIONS: an emulator endpoint per region, the broker
-    pointed at them (its breaker metrics name both), and a region taken down over HTTP."""
-    env = os.environ | {
-        "BROKER_LISTEN": "127.0.0.1:0",
-        "BROKER_DATABASE_URL": f"sqlite:///{tmp_path / 'dev.db'}",
-        "BROKER_METRICS_LISTEN": "127.0.0.1:0",
-        "BROKER_STS_REGIONS": f"{FIRST},{SECOND}",
-    }
-    dev = BrokerProcess(["dev", "--aws-port", "0"], env, tmp_path / "dev.log")
+    pointed at them, and a region taken down over HTTP: with the first down, the whole flow
+    (grpcurl, `broker dev-stack`) is issued by the second."""
+    monkeypatch.setenv("BROKER_STS_REGIONS", f"{FIRST},{SECOND}")
+    dev = Dev(tmp_path)
     try:
-        endpoints = {
-            region: dev.wait_for(rf"\n +{region} +(http://\S+)")[1] for region in (FIRST, SECOND)
-        }
-        aws = dev.wait_for(r"curl -X POST (http://[^/\s]+)/_emulator")[1]
+        first = dev.wait_for(rf"\n +{FIRST} +(http://\S+)")[1]
         metrics = dev.wait_for(r"metrics \(Prometheus\): +(\S+)")[1]
-        with urllib.request.urlopen(metrics, timeout=10) as answer:
-            text = answer.read().decode()
-        for region in (FIRST, SECOND):
-            assert f'broker_sts_region_breaker{{region="{region}",state="closed"}} 1.0' in text
-        asked = urllib.request.Request(f"{aws}/_emulator/regions/{FIRST}/down", method="POST")
-        with urllib.request.urlopen(asked, timeout=10) as answer:
+        down = urllib.request.Request(f"{dev.aws}/_emulator/regions/{FIRST}/down", method="POST")
+        with urllib.request.urlopen(down, timeout=10) as answer:
             assert answer.read().decode() == f"{FIRST} is down\n"
         with pytest.raises(OSError, match="Connection refused"):
-            urllib.request.urlopen(endpoints[FIRST], timeout=10)
+            urllib.request.urlopen(first, timeout=10)
+
+        created = dev.grpcurl(f"{SERVICE}/CreateConnection", {"tenant_id": "acme"})
+        link = created["connection"]["quick_create_url"]  # type: ignore[index]
+        stack = run(str(BIN / "broker"), "dev-stack", link, "--aws-endpoint", dev.aws)
+        assert stack.returncode == 0, stack.stderr
+        role_arn = stack.stdout.strip()
+        dev.grpcurl(f"{SERVICE}/VerifyRole", {"tenant_id": "acme", "role_arn": role_arn})
+        dev.grpcurl(f"{SERVICE}/IssueCredentials", {"tenant_id": "acme", "run_id": "r1"})
+
+        with urllib.request.urlopen(metrics, timeout=10) as answer:
+            text = answer.read().decode()
+        calls = {
+            (s.labels["region"], s.labels["outcome"]): s.value
+            for f in text_string_to_metric_families(text)
+            if f.name == "broker_sts_region_calls"
+            for s in f.samples
+        }
+        assert calls[(SECOND, "ok")] >= 2  # VerifyRole's AssumeRole, then the run's
+        assert calls[(FIRST, "ok")] == 0
+        assert calls[(FIRST, "transient")] >= 1
         assert dev.stop() == 0
     finally:
         dev.close()
