@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.config
+import botocore.exceptions
 import grpc
 import pytest
 from botocore.exceptions import ClientError
@@ -552,3 +554,24 @@ def test_broker_dev_serves_each_region_and_takes_one_down(
         assert dev.stop() == 0
     finally:
         dev.close()
+
+
+def test_a_region_taken_down_drops_open_connections_too(
+    regions: tuple[RegionalEndpoint, RegionalEndpoint], broker_identity: Identity
+) -> None:
+    """A client's kept-alive connection must not outlive the endpoint going down: its next
+    request fails, as a new connection is refused, until the endpoint is back."""
+    sts = boto3.client(
+        "sts",
+        region_name=FIRST,
+        endpoint_url=regions[0].endpoint_url,
+        aws_access_key_id=broker_identity.access_key_id,
+        aws_secret_access_key=broker_identity.secret_access_key,
+        config=botocore.config.Config(retries={"total_max_attempts": 1}),
+    )
+    assert sts.get_caller_identity()["Arn"] == broker_identity.arn  # a pooled connection now
+    regions[0].down()
+    with pytest.raises(botocore.exceptions.ConnectionError):
+        sts.get_caller_identity()
+    regions[0].up()
+    assert sts.get_caller_identity()["Arn"] == broker_identity.arn
