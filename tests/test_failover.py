@@ -556,11 +556,11 @@ def test_broker_dev_serves_each_region_and_takes_one_down(
         dev.close()
 
 
-def test_a_region_taken_down_drops_open_connections_too(
+def test_a_region_taken_down_refuses_a_client_that_was_using_it(
     regions: tuple[RegionalEndpoint, RegionalEndpoint], broker_identity: Identity
 ) -> None:
-    """A client's kept-alive connection must not outlive the endpoint going down: its next
-    request fails, as a new connection is refused, until the endpoint is back."""
+    """No connection a client holds outlives the endpoint going down: its next request is
+    refused until the endpoint is back, on the same port."""
     sts = boto3.client(
         "sts",
         region_name=FIRST,

@@ -370,27 +370,15 @@ def _check_parameter(name: str, declared: dict[str, Any], value: str) -> None:
         raise ValueError(f"Parameter '{name}' must match pattern {pattern} (given {value!r})")
 
 
-class _TrackedHandler(_QuietHandler):
-    """Keeps the server's open connections in `server.open` (a set), so that going down can
-    close them: a client's pooled keep-alive connection must not outlive the endpoint."""
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.open.add(self.connection)  # type: ignore[attr-defined]
-
-    def finish(self) -> None:
-        self.server.open.discard(self.connection)  # type: ignore[attr-defined]
-        super().finish()
-
-
 class RegionalEndpoint:
     """One STS region's endpoint on its own loopback port, in front of the shared emulator.
 
     It answers only requests signed for its region (AWS answers SignatureDoesNotMatch to
     others), marks each one with its region (`AssumeRoleCall.region`), and is in one of three
     modes, changed from any thread: `up()`, `down()` (connections refused: nothing listens on
-    its port, which stays reserved, and open connections are closed) or `hang()` (connections
-    taken, requests held unanswered until `up()`, or HANG_LIMIT, then 503)."""
+    its port, which stays reserved; moto's answers close their connection, so none outlives
+    it) or `hang()` (connections taken, requests held unanswered until `up()`, or HANG_LIMIT,
+    then 503)."""
 
     def __init__(self, region: str, app: WsgiApp) -> None:
         self.region = region
@@ -406,9 +394,8 @@ class RegionalEndpoint:
 
     def _serve(self, port: int) -> tuple[BaseWSGIServer, threading.Thread]:
         server = make_server(
-            "127.0.0.1", port, self._answer, threaded=True, request_handler=_TrackedHandler
+            "127.0.0.1", port, self._answer, threaded=True, request_handler=_QuietHandler
         )
-        server.open = set()  # type: ignore[attr-defined]
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         return server, thread
@@ -469,9 +456,6 @@ class RegionalEndpoint:
         # Its thread closes the listening socket too: until it has, the port is not free.
         self._thread.join()
         self._server.server_close()
-        for connection in list(self._server.open):  # type: ignore[attr-defined]
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
 
     def _bring_back(self) -> None:
         assert self._reserved is not None
