@@ -28,7 +28,7 @@ test: $(STAMP)
 
 ## reliability: the fault-injection scenarios alone; the table goes to docs/reliability.md
 reliability: $(STAMP)
-	BROKER_RELIABILITY_REPORT=docs/reliability.md $(BIN)/pytest -q tests/test_reliability.py tests/test_partition.py
+	BROKER_RELIABILITY_REPORT=docs/reliability.md $(BIN)/pytest -q tests/test_reliability.py tests/test_partition.py tests/test_fair_share.py
 
 ## bench: the broker beside the ceilings of its stack (a few minutes); writes docs/benchmarks.md
 bench: $(STAMP)

@@ -19,9 +19,10 @@ from google.rpc import error_details_pb2, status_pb2
 
 from broker import quotas
 from broker.auth import CallerLimits, Policy, hash_token, new_token
+from broker.client import BrokerClient
 from broker.emulator import Identity, LocalAws
 from broker.v1 import broker_pb2 as pb
-from tests.conftest import Running, connect, metrics_text, settings_for, start_broker
+from tests.conftest import Running, StsLog, connect, metrics_text, settings_for, start_broker
 from tests.faults import FaultyAws
 
 
@@ -261,6 +262,34 @@ async def test_tenants_created_per_caller(
         assert await limit_hits(running, "caller_tenant_rate") == 1
 
 
+async def test_new_sessions_per_tenant_and_cached_answers_are_never_limited(
+    base: dict[str, Any], broker_identity: Identity, local_aws: LocalAws, sts_log: StsLog
+) -> None:
+    async with broker_with(
+        base, broker_identity, tenant_sts_rate=0.01, tenant_sts_burst=3
+    ) as running:
+        for tenant in ("noisy", "quiet"):
+            await connect(running, local_aws, tenant)
+        before = len(sts_log.now())
+
+        def issue(tenant: str, run: str) -> Any:
+            return running.stub.IssueCredentials(
+                pb.IssueCredentialsRequest(tenant_id=tenant, run_id=run)
+            )
+
+        first = [await issue("noisy", f"r{i}") for i in range(3)]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await issue("noisy", "r3")
+        assert_quota(caught.value, "BROKER_TENANT_STS_RATE", "tenant:noisy", retry=True)
+        assert len(sts_log.now()) - before == 3  # the refused run cost no AssumeRole
+        for _ in range(20):  # cached runs: answered however often, never limited
+            for i, had in enumerate(first):
+                again = await issue("noisy", f"r{i}")
+                assert again.credentials.access_key_id == had.credentials.access_key_id
+        assert (await issue("quiet", "q0")).credentials.access_key_id  # its own bucket
+        assert await limit_hits(running, "tenant_sts_rate") == 1
+
+
 async def test_one_tenant_holds_at_most_its_share_of_sts_slots(
     base: dict[str, Any], broker_identity: Identity, local_aws: LocalAws
 ) -> None:
@@ -347,3 +376,19 @@ def test_policy_file_limits_are_read() -> None:
     assert policy.limits == {
         "token:x": CallerLimits(max_streams=7, tenant_rate=0.5, tenant_burst=2)
     }
+
+
+async def test_the_client_waits_as_long_as_retry_info_asks(
+    base: dict[str, Any], broker_identity: Identity, local_aws: LocalAws
+) -> None:
+    """BrokerClient takes RetryInfo as the least it waits: a refused new run is asked again
+    once, after the bucket has a token, not hammered on its own backoff (0.2 s at first)."""
+    async with broker_with(
+        base, broker_identity, tenant_sts_rate=1.5, tenant_sts_burst=1
+    ) as running:
+        await connect(running, local_aws, "acme")
+        async with BrokerClient(running.address, connect_timeout=10) as client:
+            await client.issue_credentials("acme", "r0")
+            second = await client.issue_credentials("acme", "r1")
+        assert second.access_key_id
+        assert await limit_hits(running, "tenant_sts_rate") == 1

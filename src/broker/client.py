@@ -188,6 +188,18 @@ def _rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
     return status
 
 
+def retry_after(error: grpc.aio.AioRpcError) -> float:
+    """The seconds the broker's google.rpc.RetryInfo asks a caller to wait (a fair-share
+    limit: docs/deploy.md), else 0."""
+    status = _rich_status(error)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return max(info.retry_delay.ToNanoseconds() / 1e9, 0.0)
+    return 0.0
+
+
 def _reason(status: status_pb2.Status | None) -> tuple[str, dict[str, str]] | None:
     """The broker's google.rpc.ErrorInfo (reason, metadata) in the rich status, if any."""
     for detail in status.details if status is not None else ():
@@ -379,7 +391,8 @@ class BrokerClient:
                     raise translate(error) from None
                 if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # ours: says nothing new
                     cause = _one_line(error.details() or error.code().name)
-            pause = random.uniform(0, delay)  # noqa: S311 - jitter, not security
+                # The broker's RetryInfo (a limit reached) is a floor: sooner is refused again.
+                pause = max(random.uniform(0, delay), retry_after(error))  # noqa: S311 - jitter
             if budget is not None:
                 pause = min(pause, max(started + budget - time.monotonic(), 0))
             log.info("broker call failed; retrying", extra={"retry_in": round(pause, 2)})
@@ -474,7 +487,8 @@ class BrokerClient:
                 cause = _one_line(error.details() or error.code().name)
                 if failing_since is None:
                     failing_since = time.monotonic()
-                pause = min(random.uniform(0, delay), max(left(), 0))  # noqa: S311 - jitter
+                pause = max(random.uniform(0, delay), retry_after(error))  # noqa: S311 - jitter
+                pause = min(pause, max(left(), 0))
                 log.info("broker went away; reconnecting", extra={"retry_in": round(pause, 2)})
                 await asyncio.sleep(pause)
                 delay = min(delay * 2, high)

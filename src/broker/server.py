@@ -225,6 +225,7 @@ async def start(settings: Settings, *, static_credentials: tuple[str, str] | Non
         refresh_margin=settings.refresh_margin,
         refresh_mandatory=settings.refresh_mandatory,
         max_entries=settings.cache_max_entries,
+        admit=limits.new_session,
     )
     server = grpc.aio.server(options=server_options(settings))
     guard = Guard(
