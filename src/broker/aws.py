@@ -201,10 +201,6 @@ class AwsClient:
     async def close(self) -> None:
         await self._stack.aclose()
 
-    @property
-    def regions(self) -> tuple[str, ...]:
-        return tuple(region.name for region in self._regions)
-
     def breaker_states(self) -> dict[str, str]:
         """Each region's breaker now: closed, open or half_open."""
         now = self._clock()
