@@ -91,7 +91,8 @@ async def test_metrics_follow_the_flow(running: Running, local_aws: LocalAws, te
     assert value(during, "broker_cache_entries") >= 2
     assert value(after, "broker_connections", status="DISCONNECTED") >= 1
     labels = {label for (_, pairs) in after for label, _ in pairs}
-    assert labels <= {"method", "code", "outcome", "status", "loop", "le"}, "bounded labels only"
+    bounded = {"method", "code", "outcome", "status", "loop", "limit", "le"}
+    assert labels <= bounded, "bounded labels only"
 
 
 async def test_every_rpc_is_one_json_log_line(

@@ -66,7 +66,7 @@ BREAKER_STATES = {
 }
 
 
-def _by(label: str, values: Iterable[tuple[str, str]]) -> str:
+def by_label(label: str, values: Iterable[tuple[str, str]]) -> str:
     """`by LABEL: value (what); …`, the form of every HELP text naming a label's values."""
     return f"by {label}: " + "; ".join(f"{value} ({what})" for value, what in values)
 
@@ -95,7 +95,7 @@ class Metrics:
         )
         self.sts_calls = Counter(
             "broker_sts_calls",
-            f"sts:AssumeRole calls, {_by('outcome', STS_OUTCOMES.items())}.",
+            f"sts:AssumeRole calls, {by_label('outcome', STS_OUTCOMES.items())}.",
             ["outcome"],
             registry=self.registry,
         )
@@ -111,7 +111,7 @@ class Metrics:
             "broker_sts_region_calls",
             "sts:AssumeRole tries, one for each region a call went to (region: one of "
             "BROKER_STS_REGIONS; botocore's retries within a region make one try), "
-            f"{_by('outcome', STS_OUTCOMES.items())}.",
+            f"{by_label('outcome', STS_OUTCOMES.items())}.",
             ["region", "outcome"],
             registry=None,
         )
@@ -125,14 +125,14 @@ class Metrics:
         self.renewals = Counter(
             "broker_stream_renewals",
             "Renewals sent on WatchCredentials streams, "
-            f"{_by('outcome', RENEWAL_OUTCOMES.items())}.",
+            f"{by_label('outcome', RENEWAL_OUTCOMES.items())}.",
             ["outcome"],
             registry=self.registry,
         )
         self.background_errors = Counter(
             "broker_background_errors",
             "Failures the background loops logged and carried on from, "
-            f"{_by('loop', BACKGROUND_LOOPS.items())}.",
+            f"{by_label('loop', BACKGROUND_LOOPS.items())}.",
             ["loop"],
             registry=self.registry,
         )
@@ -191,7 +191,7 @@ class _Breakers(Collector):
         family = GaugeMetricFamily(
             "broker_sts_region_breaker",
             "Each STS region's circuit breaker: 1 for the state it is in, 0 for the others, "
-            f"{_by('state', BREAKER_STATES.items())}.",
+            f"{by_label('state', BREAKER_STATES.items())}.",
             labels=["region", "state"],
         )
         for region, now in self._states().items():

@@ -32,6 +32,7 @@ from broker import config
 from broker.auth import CallerLimits, Policy
 from broker.credentials import CredentialSource
 from broker.errors import ResourceExhausted
+from broker.metrics import by_label
 from broker.models import Credentials, Grant
 
 Limit = Literal[
@@ -43,13 +44,13 @@ Limit = Literal[
     "caller_tenant_rate",
 ]
 LIMITS: dict[Limit, str] = {
-    "tenant_sts_rate": "a tenant's new STS sessions per second (BROKER_TENANT_STS_RATE)",
-    "tenant_sts_concurrency": "a tenant's AssumeRole calls in flight; the call waited "
-    "(BROKER_TENANT_STS_CONCURRENCY)",
-    "tenant_streams": "a tenant's open streams (BROKER_TENANT_MAX_STREAMS)",
-    "caller_streams": "a caller's open streams (BROKER_CALLER_MAX_STREAMS)",
-    "tenant_verify": "a tenant's VerifyRole calls in flight (BROKER_TENANT_VERIFY_CONCURRENCY)",
-    "caller_tenant_rate": "tenants a caller creates per second (BROKER_CALLER_TENANT_RATE)",
+    "tenant_sts_rate": "a tenant's new STS sessions per second, BROKER_TENANT_STS_RATE",
+    "tenant_sts_concurrency": "a tenant's AssumeRole calls in flight, "
+    "BROKER_TENANT_STS_CONCURRENCY",
+    "tenant_streams": "a tenant's open streams, BROKER_TENANT_MAX_STREAMS",
+    "caller_streams": "a caller's open streams, BROKER_CALLER_MAX_STREAMS",
+    "tenant_verify": "a tenant's VerifyRole calls in flight, BROKER_TENANT_VERIFY_CONCURRENCY",
+    "caller_tenant_rate": "tenants a caller creates per second, BROKER_CALLER_TENANT_RATE",
 }
 # Buckets kept before full ones (as good as none) are dropped: a bound on memory whatever
 # number of tenants or callers comes by.
@@ -150,9 +151,8 @@ class Limits:
         self.settings = settings
         self.hits = Counter(
             "broker_limit_hits",
-            "Calls that reached a fair-share limit, by limit: "
-            + "; ".join(f"{name} ({what})" for name, what in LIMITS.items())
-            + ". Refused with RESOURCE_EXHAUSTED, except tenant_sts_concurrency (waited).",
+            "Calls that reached a fair-share limit: refused with RESOURCE_EXHAUSTED, but for "
+            f"tenant_sts_concurrency, where the call waited; {by_label('limit', LIMITS.items())}.",
             ["limit"],
             registry=registry,
         )
