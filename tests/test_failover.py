@@ -459,6 +459,14 @@ REFUSED = [
     ({"sts_endpoint_urls": "us-east-1"}, "BROKER_STS_ENDPOINT_URLS"),
     ({"sts_endpoint_urls": "us-east-1=file:///etc/passwd"}, "BROKER_STS_ENDPOINT_URLS"),
     ({"sts_endpoint_urls": "us-east-1=https://a,us-east-1=https://b"}, "twice"),
+    # Signed requests and the credentials answered never cross a network in the clear.
+    ({"sts_endpoint_urls": "us-east-1=http://sts.example"}, "in the clear"),
+    ({"sts_endpoint_urls": "us-east-1=http://10.0.0.7:8080"}, "in the clear"),
+    ({"aws_endpoint_url": "http://moto.internal:5000"}, "in the clear"),
+    ({"sts_endpoint_urls": "us-east-1=https://"}, "BROKER_STS_ENDPOINT_URLS"),
+    ({"aws_region": "us-east-1 "}, "BROKER_AWS_REGION"),
+    ({"aws_region": "*"}, "BROKER_AWS_REGION"),
+    ({"aws_region": "us-e\u0430st-1"}, "BROKER_AWS_REGION"),
     ({"sts_region_cooldown": "0"}, "BROKER_STS_REGION_COOLDOWN"),
     ({"sts_region_cooldown": "-1"}, "BROKER_STS_REGION_COOLDOWN"),
 ]

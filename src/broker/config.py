@@ -10,6 +10,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, FilePath, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -367,8 +368,15 @@ class Settings(BaseSettings):
     @field_validator("template_url", "aws_endpoint_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("https://", "http://")):
-            raise ValueError("must be an http(s):// URL")
+        if value is not None:
+            check_url(value)
+        return value
+
+    @field_validator("aws_region")
+    @classmethod
+    def _check_region(cls, value: str) -> str:
+        if not REGION_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a region name (e.g. us-east-1)")
         return value
 
     @field_validator("session_policy_arns", mode="before")
@@ -610,6 +618,19 @@ def default_refresh_mandatory(refresh_margin: int) -> int:
     return min(BOTOCORE_MANDATORY_REFRESH, refresh_margin // 2)
 
 
+def check_url(url: str) -> None:
+    """An https:// URL, or http:// to loopback (an emulator): signed AWS requests, and the
+    credentials STS answers with, never cross a network in the clear."""
+    split = urlsplit(url)
+    if split.scheme not in ("https", "http") or not split.hostname:
+        raise ValueError("must be an https:// URL (http:// to loopback only)")
+    if split.scheme == "http" and not is_loopback(split.hostname):
+        raise ValueError(
+            f"http:// to {split.hostname} would send signed requests and credentials in the "
+            "clear: use https:// (http:// is for an emulator on loopback)"
+        )
+
+
 def parse_endpoint_urls(items: tuple[str, ...]) -> dict[str, str]:
     """REGION=URL items → {region: url}; a wrong item raises ValueError naming it."""
     endpoints: dict[str, str] = {}
@@ -617,8 +638,10 @@ def parse_endpoint_urls(items: tuple[str, ...]) -> dict[str, str]:
         region, sep, url = item.partition("=")
         if not sep or not REGION_NAME.fullmatch(region.strip()):
             raise ValueError(f"{item!r} is not REGION=URL (e.g. us-west-2=https://…)")
-        if not url.strip().startswith(("https://", "http://")):
-            raise ValueError(f"{item!r}: the URL must be http(s)://")
+        try:
+            check_url(url.strip())
+        except ValueError as exc:
+            raise ValueError(f"{region.strip()}: {exc}") from None
         if region.strip() in endpoints:
             raise ValueError(f"names {region.strip()} twice")
         endpoints[region.strip()] = url.strip()
