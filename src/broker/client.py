@@ -196,7 +196,7 @@ def retry_after(error: grpc.aio.AioRpcError) -> float:
         if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             info = error_details_pb2.RetryInfo()
             detail.Unpack(info)
-            return max(info.retry_delay.ToNanoseconds() / 1e9, 0.0)
+            return max(float(info.retry_delay.ToNanoseconds()) / 1e9, 0.0)
     return 0.0
 
 
