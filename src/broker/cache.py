@@ -78,7 +78,7 @@ class CacheStats:
     misses: int = 0
     stale_served: int = 0
     evictions: int = 0
-    background_renewals: int = 0  # renewals started in the advisory window
+    background_renewals: int = 0  # renewals a call in the advisory window set running on its own
     background_failures: int = 0  # of those, the ones that failed (transient or refused)
 
 
@@ -93,7 +93,8 @@ class CredentialCache:
     - `_holding`: n → the tenants holding n entries (n ≥ 1), in the order they came to hold n;
       `_most`: the largest such n. Kept by `_recount` on every add and remove, so the size bound
       finds the tenant to evict from in O(1).
-    - `_inflight`: grant → the one STS call under way for it (single flight); `_settle` removes.
+    - `_inflight`: grant → the one STS call under way for it (single flight); `_start` adds,
+      `_settle` removes, `evict_tenant` detaches the tenant's (later calls start afresh).
     - `_epoch`: tenant → a counter `evict_tenant` bumps; a call that started under an older epoch
       does not store its result.
     """
