@@ -109,6 +109,20 @@ async def test_in_the_advisory_window_every_call_is_answered_at_once_and_one_ren
     assert cache.stats.background_failures == 0
 
 
+async def test_close_cancels_a_background_renewal_still_under_way(
+    source: FakeSource, clock: Clock
+) -> None:
+    """At shutdown the cache's STS calls end before the AWS client closes under them."""
+    cache = make_cache(source, clock)
+    await cache.get(grant())
+    clock.now += ADVISORY
+    source.gate = asyncio.Event()  # never answers
+    await at_once(cache)
+    assert cache.in_flight == 1
+    await asyncio.wait_for(cache.close(), 5)
+    assert cache.in_flight == 0
+
+
 async def test_past_the_mandatory_point_a_call_waits_for_the_renewal(
     source: FakeSource, clock: Clock
 ) -> None:

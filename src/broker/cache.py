@@ -294,6 +294,14 @@ class CredentialCache:
         if not runs:
             del self._by_tenant[key[0]]
 
+    async def close(self) -> None:
+        """Cancel every STS call under way (background renewals included) and wait for them:
+        at shutdown, before the AWS client closes under them."""
+        tasks = [flight.task for flight in self._inflight.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     @property
     def in_flight(self) -> int:
         """STS calls under way."""

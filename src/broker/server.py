@@ -123,6 +123,7 @@ class Broker:
         for task in self._background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.cache.close()
         await self.aws.close()
         await self.store.close()
 
