@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 
-from bench import hot, startup, storm, streams, sts
+from bench import fairshare, hot, startup, storm, streams, sts, waits
 from bench.report import Report, machine
 from bench.world import World, world
 
@@ -24,10 +24,13 @@ Part = Callable[..., Awaitable[None]]  # (world, report, *, quick) → figures i
 # Each part adds its own section's figures, in this order.
 PARTS: dict[str, Part] = {
     "hot path": hot.run,
+    "fair share": fairshare.run,
     "STS economy": sts.economy,
     "cold path": sts.cold,
+    "nobody waits on STS": waits.run,
     "streams": streams.run,
     "reconnect storm": storm.run,
+    "reconnect storm, default limits": fairshare.storm_default_limits,
     "start-up": startup.run,
 }
 CACHE_MEMORY = "cache memory"  # no broker, no emulator: its own processes

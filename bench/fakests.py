@@ -31,7 +31,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -260,8 +260,16 @@ async def serve(port: int, sts: Sts) -> None:
 class FakeSts:
     """The stand-in run as a process (`running`): its `url`, and its counts."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, kill: Callable[[], None] | None = None) -> None:
         self.url = f"http://127.0.0.1:{port}"
+        self._kill = kill
+
+    def kill(self) -> None:
+        """SIGKILL the stand-in's process: its endpoint goes down (connections refused), as a
+        regional STS endpoint that becomes unreachable."""
+        if self._kill is None:
+            raise RuntimeError("this stand-in was not started by `running`")
+        self._kill()
 
     def _call(self, method: str, path: str, body: bytes | None = None) -> Any:
         request = urllib.request.Request(self.url + path, data=body, method=method)  # noqa: S310
@@ -290,7 +298,7 @@ def running(
         command.append(f"--lifetime={lifetime}")
     process = Process(pinned(command, core), log)
     try:
-        yield FakeSts(int(process.wait_json("port")["port"]))
+        yield FakeSts(int(process.wait_json("port")["port"]), process.kill)
     finally:
         process.stop()
 

@@ -11,6 +11,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -19,7 +20,7 @@ from bench.fakests import DEFAULT_LATENCY
 from bench.report import Figure, Report, sts_bound
 from bench.streams import BOUND, STREAMS_PER_CHANNEL, answered, channels_for, until
 from bench.world import World, capacity, stub_for, warm_up
-from broker.client import RECONNECT_CODES
+from broker.client import RECONNECT_CODES, retry_after
 from broker.config import DEFAULT_MAX_PENDING_REQUESTS
 from broker.v1 import broker_pb2 as pb
 
@@ -30,8 +31,9 @@ class Roamer:
     """One run's stream as a launcher holds it: when the stream ends with a code a client
     reconnects after (broker.client.RECONNECT_CODES), it is opened again on the next broker
     of `stubs` (staying on the last) at once, and after a further failure with jittered
-    backoff. `endings` holds how each of its streams ended (a status code name, "OK" for a
-    clean end); `arrivals` when each message came."""
+    backoff, never sooner than the broker's RetryInfo asks (a fair-share limit), as
+    broker.client.BrokerClient does. `endings` holds how each of its streams ended (a status
+    code name, "OK" for a clean end); `arrivals` when each message came."""
 
     def __init__(self, stubs: Sequence[Any], tenant: str, run: str) -> None:
         self.request = pb.WatchCredentialsRequest(tenant_id=tenant, run_id=run)
@@ -53,7 +55,8 @@ class Roamer:
                 self.endings.append(error.code().name)
                 if error.code() not in RECONNECT_CODES:
                     return
-            await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - jitter
+                floor = retry_after(error)
+            await asyncio.sleep(max(random.uniform(0, delay), floor))  # noqa: S311 - jitter
             delay = min(max(2 * delay, BACKOFF[0]), BACKOFF[1])
 
     def back_at(self, since: float) -> float | None:
@@ -66,31 +69,52 @@ class Roamer:
             await self.task
 
 
-async def run(world: World, report: Report, *, quick: bool) -> None:
-    section = "Reconnect storm: every stream moves to another broker at once"
-    n = 300 if quick else 10_000
-    report.note(
-        section,
-        f"N streams of one tenant, one run each, are open on broker A ({STREAMS_PER_CHANNEL} "
-        "per connection). A is killed (SIGKILL, as a crashed or evicted replica): each stream "
-        "ends, and each client opens it again at once on broker B, which was serving on the "
-        "same store, already connected, and has none of the runs cached, so B makes one "
-        "AssumeRole per run while the streams pour in. A client whose reopened stream fails "
-        "again retries with broker.client's jittered backoff. Both brokers' AssumeRole goes to "
-        f"the STS stand-in ({DEFAULT_LATENCY * 1000:.0f} ms, counting the calls it answers), "
-        f"with BROKER_STS_MAX_CONCURRENCY={BOUND}; per-tenant and per-caller limits are raised "
-        "out of the way (one tenant holds every stream), and BROKER_MAX_PENDING_REQUESTS is "
-        f"the broker's default ({DEFAULT_MAX_PENDING_REQUESTS:,}). Back: the first credentials "
-        "a stream receives after the kill. Baseline: the time A took to open them all in the "
-        "first place, the same N new sessions with no storm.",
-    )
-    tenant = "storm"
+@dataclass
+class Storm:
+    """What one storm measured (`storm`)."""
+
+    n: int
+    open_took: float  # seconds A took to open the N streams, no storm
+    killed: float  # monotonic time A was killed
+    backs: list[float | None]  # when each stream was back with credentials after the kill
+    roamers: list[Roamer]
+    stats: dict[str, float]  # the STS stand-in's counts during the storm
+    cpu: dict[str, float]  # CPU seconds during the storm: "B", "clients"
+
+    @property
+    def back(self) -> list[float]:
+        return [t for t in self.backs if t is not None]
+
+    @property
+    def took(self) -> float:
+        """From the kill until the last stream was back."""
+        return max(self.back, default=self.killed) - self.killed
+
+    def endings(self, code: str) -> int:
+        """Streams that ended with `code`, the first ones ended by the kill included."""
+        return sum(ending == code for r in self.roamers for ending in r.endings)
+
+    @property
+    def on_first(self) -> Counter[str]:
+        """How the streams on A ended when it was killed."""
+        return Counter(r.endings[0] for r in self.roamers if r.endings)
+
+    @property
+    def again(self) -> Counter[str]:
+        """How reopened streams failed again."""
+        return Counter(code for r in self.roamers for code in r.endings[1:])
+
+
+async def storm(world: World, tenant: str, n: int, b_settings: dict[str, Any]) -> Storm:
+    """`n` streams of `tenant` open on broker A (fair-share limits out of the way), A killed,
+    every stream reopened at once on broker B, which runs with `b_settings`; both on a new
+    store (`tenant` names it and the brokers' logs) and on one STS stand-in."""
     store = await world.verified_store(tenant, [tenant])
     channels = channels_for(n)
     with (
-        world.fake_sts("storm-sts") as sts,
-        world.broker_on(sts, "storm-a", store, **capacity(BOUND)) as first,
-        world.broker_on(sts, "storm-b", store, **capacity(BOUND)) as second,
+        world.fake_sts(f"{tenant}-sts") as sts,
+        world.broker_on(sts, f"{tenant}-a", store, **capacity(BOUND)) as first,
+        world.broker_on(sts, f"{tenant}-b", store, **b_settings) as second,
     ):
         async with (
             stub_for(first.target, channels) as to_first,
@@ -117,19 +141,39 @@ async def run(world: World, report: Report, *, quick: bool) -> None:
             backs = [r.back_at(killed) for r in roamers]
             for roamer in roamers:
                 await roamer.stop()
-    back = [t for t in backs if t is not None]
-    took = max(back, default=killed) - killed
-    on_first = Counter(r.endings[0] for r in roamers if r.endings)
-    again = Counter(code for r in roamers for code in r.endings[1:])
-    cancelled = sum(code == "CANCELLED" for r in roamers for code in r.endings)
-    hit = sum("CANCELLED" in r.endings for r in roamers)
+    return Storm(n, open_took, killed, backs, roamers, stats, cpu)
+
+
+async def run(world: World, report: Report, *, quick: bool) -> None:
+    section = "Reconnect storm: every stream moves to another broker at once"
+    n = 300 if quick else 10_000
+    report.note(
+        section,
+        f"N streams of one tenant, one run each, are open on broker A ({STREAMS_PER_CHANNEL} "
+        "per connection). A is killed (SIGKILL, as a crashed or evicted replica): each stream "
+        "ends, and each client opens it again at once on broker B, which was serving on the "
+        "same store, already connected, and has none of the runs cached, so B makes one "
+        "AssumeRole per run while the streams pour in. A client whose reopened stream fails "
+        "again retries with broker.client's jittered backoff. Both brokers' AssumeRole goes to "
+        f"the STS stand-in ({DEFAULT_LATENCY * 1000:.0f} ms, counting the calls it answers), "
+        f"with BROKER_STS_MAX_CONCURRENCY={BOUND}; per-tenant and per-caller limits are raised "
+        "out of the way (one tenant holds every stream), and BROKER_MAX_PENDING_REQUESTS is "
+        f"the broker's default ({DEFAULT_MAX_PENDING_REQUESTS:,}). Back: the first credentials "
+        "a stream receives after the kill. Baseline: the time A took to open them all in the "
+        "first place, the same N new sessions with no storm.",
+    )
+    result = await storm(world, "storm", n, capacity(BOUND))
+    back, took, cpu = result.back, result.took, result.cpu
+    cancelled = result.endings("CANCELLED")
+    hit = sum("CANCELLED" in r.endings for r in result.roamers)
+    again = result.again
     report.add(
         Figure(
             section,
             f"{n:,} streams: all back with credentials after A was killed",
             took,
             "s",
-            open_took,
+            result.open_took,
             "A opening them, no storm",
             note=f"{len(back) / max(took, 1e-9):.0f} streams/s; CPU meanwhile: broker B "
             f"{cpu['B']:.1f} s, the clients {cpu['clients']:.1f} s",
@@ -153,7 +197,7 @@ async def run(world: World, report: Report, *, quick: bool) -> None:
             "streams",
             target="= 0",
             met=cancelled == 0,
-            note=f"{hit:,} runs hit; A's kill: " + _codes(on_first),
+            note=f"{hit:,} runs hit; A's kill: " + _codes(result.on_first),
         )
     )
     report.add(
@@ -167,10 +211,15 @@ async def run(world: World, report: Report, *, quick: bool) -> None:
             note=_codes(again) if again else "",
         )
     )
-    report.add(answered(section, f"{n:,} streams: AssumeRole answered during the storm", stats, n))
+    report.add(
+        answered(section, f"{n:,} streams: AssumeRole answered during the storm", result.stats, n)
+    )
     report.add(
         sts_bound(
-            section, f"{n:,} streams: most AssumeRole in flight", stats["most_in_flight"], BOUND
+            section,
+            f"{n:,} streams: most AssumeRole in flight",
+            result.stats["most_in_flight"],
+            BOUND,
         )
     )
 

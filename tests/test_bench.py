@@ -2,7 +2,10 @@
 not judged here (these machines are noisy); what must hold on any machine is: the run ends,
 writes every section and row, every broker answer it counted was OK, and the STS figures that
 follow from single flight and the concurrency bound are exact: the STS stand-in answered one
-AssumeRole per run, never more at once than the bound, and a reconnect storm lost no stream."""
+AssumeRole per run, never more at once than the bound, and a reconnect storm lost no stream;
+and so are those of #14 and #15: no cached call went to STS or failed at the refresh point or
+in an STS outage, with one region down no new run failed, and the default limits' storm lost
+no stream."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, EndpointConnectionError
 
 from bench import fakests
 
@@ -45,8 +48,57 @@ STORM_ROWS = [  # of the quick run's 300 streams
     "AssumeRole answered during the storm",
     "most AssumeRole in flight",
 ]
+# Nobody waits on STS (quick: 2 runs per window, 10 + 1 new runs in the region rows).
+REFRESH_ROWS = [
+    "cached call while the renewal is in flight: p50",
+    "cached call while the renewal is in flight: p99",
+    "cached call while the renewal is in flight: slowest call",
+    "cached call while the renewal is in flight: calls that went to STS",
+    "background renewals started",
+    "AssumeRole calls for the renewal",
+]
+ADVISORY_ROWS = ["p50", "p99", "slowest call", "calls failed", "calls that went to STS"]
+OUTAGE_ROWS = [
+    *(f"ServiceUnavailable, advisory window: {row}" for row in ADVISORY_ROWS),
+    "ServiceUnavailable, mandatory window: p50",
+    "ServiceUnavailable, mandatory window: slowest call (one that waited for an STS attempt)",
+    "ServiceUnavailable, mandatory window: calls that waited on STS",
+    "ServiceUnavailable, mandatory window: calls failed",
+    *(f"hanging, advisory window: {row}" for row in ADVISORY_ROWS),
+    "hanging, advisory window: renewals left hanging at the stand-in",
+]
+REGION_ROWS = [
+    "first new run after us-east-1 went down (pays the failover)",
+    "new runs once the breaker is open: median",
+    "new runs once the breaker is open: p99",
+    "new runs failed with us-east-1 down",
+    "calls moved on from us-east-1 (failovers)",
+    "AssumeRole answered by us-west-2",
+]
+QUOTA_ROWS = [
+    "default limits, c=16: throughput",
+    "default limits, c=16: p99",
+    "default limits, c=16: CPU per call",
+    "a miss (new run): broker CPU, default limits",
+    "one new-session check, admitted",
+    "one new-session check, refused (RESOURCE_EXHAUSTED built)",
+]
+LIMITED_STORM_ROWS = [  # of the quick run's 600 streams
+    "limits out of the way: all back with credentials after A was killed",
+    "default limits: all back with credentials after A was killed",
+    "default limits: never back",
+    "default limits: ended CANCELLED",
+    "default limits: reopened streams refused RESOURCE_EXHAUSTED (each retried)",
+    "default limits: AssumeRole answered during the storm",
+    "default limits: most AssumeRole in flight",
+]
 SECTIONS = {
     "Hot path: IssueCredentials from the cache",
+    "Fair share: the quota check's cost",
+    "Nobody waits on STS: the refresh point",
+    "Nobody waits on STS: an STS outage",
+    "Nobody waits on STS: one STS region down",
+    "Fair share: a reconnect storm under the default limits",
     "STS economy",
     "Cold path: cache misses, STS answering after 50 ms",
     "Streams: WatchCredentials on one broker",
@@ -67,7 +119,7 @@ def test_the_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -96,14 +148,18 @@ def test_the_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
     ]
     # The stand-in answered exactly one AssumeRole per run: per burst, per stream opened, per
     # stream renewed, per stream reopened in the storm.
+    # And one per run on the second region with the first down, and in the storm under the
+    # default limits.
     answered = [f for f in figures if "AssumeRole answered" in f["what"]]
-    assert len(answered) == 5
+    assert len(answered) == 7
     assert all(f["value"] == f["baseline"] and f["met"] for f in answered), answered
-    assert [f["value"] for f in answered] == [1, 20, 100, 100, 300]
-    # The STS concurrency bound held in every burst, opening, renewal round and storm.
+    assert [f["value"] for f in answered] == [1, 20, 11, 100, 100, 300, 600]
+    # The STS concurrency bound held in every burst, opening, renewal round and storm; under
+    # the default limits, the tenant's share of it (a quarter).
     bounded = [f for f in figures if "most AssumeRole in flight" in f["what"]]
-    assert len(bounded) == 5
-    assert all(0 < f["value"] <= f["baseline"] == 32 for f in bounded), bounded
+    assert len(bounded) == 6
+    assert all(0 < f["value"] <= f["baseline"] for f in bounded), bounded
+    assert [f["baseline"] for f in bounded] == [32] * 5 + [8]
     assert named["100 streams: streams that ended"]["value"] == 0
     # The storm: every stream back on the other broker, none dropped by gRPC core.
     assert named["300 streams: never back"]["value"] == 0
@@ -111,9 +167,60 @@ def test_the_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
     assert named["300 streams: reopened streams that failed again"]["value"] == 0
     assert named["300 streams: ended CANCELLED"]["note"] == "0 runs hit; A's kill: UNAVAILABLE 300"
 
+    _nobody_waits_on_sts(figures)
+    _fair_share(figures)
+
     table = (tmp_path / "benchmarks.md").read_text()
     assert "| broker (uvloop), c=16: throughput |" in table
     assert "| 1,000 cached runs: RSS (" in table
+
+
+def _nobody_waits_on_sts(figures: list[dict[str, Any]]) -> None:
+    """At the advisory point and in an outage (errors, or a hang), no cached call went to STS
+    or failed, and each run was renewed once; with one region down no new run failed and only
+    the first call moved on."""
+    named = {f["what"]: f for f in figures if f["section"].startswith("Nobody waits on STS")}
+    assert _rows(figures, "Nobody waits on STS: the refresh point") == REFRESH_ROWS
+    assert _rows(figures, "Nobody waits on STS: an STS outage") == OUTAGE_ROWS
+    assert _rows(figures, "Nobody waits on STS: one STS region down") == REGION_ROWS
+    for latency in (f for f in named.values() if f["unit"] == "ms"):
+        assert latency["value"] > 0, latency
+        assert latency["baseline"] > 0, latency
+    for none in (
+        "cached call while the renewal is in flight: calls that went to STS",
+        "ServiceUnavailable, advisory window: calls failed",
+        "ServiceUnavailable, advisory window: calls that went to STS",
+        "hanging, advisory window: calls failed",
+        "hanging, advisory window: calls that went to STS",
+        "new runs failed with us-east-1 down",
+    ):
+        assert named[none]["value"] == 0, named[none]
+        assert named[none]["met"], named[none]
+    for one_per_run in (
+        "background renewals started",
+        "AssumeRole calls for the renewal",
+        "hanging, advisory window: renewals left hanging at the stand-in",
+    ):
+        assert named[one_per_run]["value"] == named[one_per_run]["baseline"] == 2
+    assert named["calls moved on from us-east-1 (failovers)"]["value"] == 1
+
+
+def _fair_share(figures: list[dict[str, Any]]) -> None:
+    """The quota check measured beside a miss; the storm under the default limits lost no
+    stream and was refused new sessions past the tenant's burst (500)."""
+    assert _rows(figures, "Fair share: the quota check's cost") == QUOTA_ROWS
+    cost = [f for f in figures if f["section"] == "Fair share: the quota check's cost"]
+    assert all(f["value"] > 0 and f["baseline"] > 0 for f in cost), cost
+    storm = _rows(figures, "Fair share: a reconnect storm")
+    assert storm == [f"600 streams, {row}" for row in LIMITED_STORM_ROWS]
+    named = {f["what"]: f for f in figures}
+    assert named["600 streams, default limits: never back"]["value"] == 0
+    assert named["600 streams, default limits: ended CANCELLED"]["value"] == 0
+    refused = named[
+        "600 streams, default limits: reopened streams refused RESOURCE_EXHAUSTED (each retried)"
+    ]
+    assert refused["value"] > 0
+    assert refused["note"].endswith("; 0 other failures")
 
 
 def test_the_sts_stand_in_answers_as_sts_does(tmp_path: Path) -> None:
@@ -161,6 +268,10 @@ def test_the_sts_stand_in_answers_as_sts_does(tmp_path: Path) -> None:
         assert (stats["in_flight"], stats["most_in_flight"]) == (0, 1)
         sts.reset()
         assert sts.stats()["AssumeRole"] == 0
+
+        sts.kill()  # a region going down: its endpoint refuses connections
+        with pytest.raises(EndpointConnectionError):
+            client.get_caller_identity()
 
 
 def test_another_revision_is_measured_beside_this_one() -> None:
