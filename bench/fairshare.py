@@ -241,11 +241,12 @@ async def storm_default_limits(world: World, report: Report, *, quick: bool) -> 
     pace = max(0.0, (n - DEFAULT_TENANT_STS_BURST) / DEFAULT_TENANT_STS_RATE)
     report.note(
         STORM,
-        "The reconnect storm of the section above (broker A killed, every stream reopened at "
-        "once on broker B, which has none of the runs cached; each client reconnecting with "
-        "broker.client's jittered backoff, never sooner than the broker's RetryInfo asks), "
-        f"run twice at {n:,} streams of one tenant: with B's fair-share limits out of the way, "
-        "then with B's defaults (A's out of the way both times: it only opens the streams). "
+        "The reconnect storm of the reconnect-storm section (broker A killed, every stream "
+        "reopened at once on broker B, which has none of the runs cached; each client "
+        "reconnecting with broker.client's jittered backoff, never sooner than the broker's "
+        f"RetryInfo asks), run twice at {n:,} streams of one tenant: with B's fair-share "
+        "limits out of the way, then with B's defaults (A's out of the way both times: it "
+        "only opens the streams). "
         f"By default a tenant starts at most {DEFAULT_TENANT_STS_BURST} new STS sessions at "
         f"once and {DEFAULT_TENANT_STS_RATE:g} a second after that "
         "(BROKER_TENANT_STS_BURST, BROKER_TENANT_STS_RATE), and holds "
