@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from broker import cache as cache_module
 from broker import server
 from broker.cache import CredentialCache, refresh_point, refresh_points
 from broker.credentials import ConfirmedSource
@@ -137,6 +138,32 @@ async def test_past_the_mandatory_point_a_call_waits_for_the_renewal(
     source.gate.set()
     assert (await waiting).access_key_id != first.access_key_id
     assert cache.stats.background_renewals == 0
+
+
+async def test_past_the_mandatory_point_a_call_waits_for_a_hung_sts_only_so_long(
+    source: FakeSource, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STS hangs (botocore would retry for 15 s): a call holding valid credentials is served
+    them after MANDATORY_WAIT, the renewal runs on, the next calls are answered at once with
+    no second STS call, and the renewal's answer, when it comes, is what they get next."""
+    monkeypatch.setattr(cache_module, "MANDATORY_WAIT", 0.2, raising=False)
+    cache = make_cache(source, clock)
+    first = await cache.get(grant())
+    clock.now += PAST_MANDATORY
+    source.gate = asyncio.Event()
+    started = time.monotonic()
+    served = await asyncio.wait_for(cache.get(grant()), 5)
+    assert served.access_key_id == first.access_key_id
+    assert time.monotonic() - started >= 0.2
+    assert cache.stats.stale_served == 1
+    assert cache.in_flight == 1, "the renewal runs on"
+    again = await at_once(cache)
+    assert again.access_key_id == first.access_key_id
+    assert len(source.calls) == 2, "no second STS call while the first is under way"
+    source.gate.set()
+    await settled(cache)
+    assert (await at_once(cache)).access_key_id != first.access_key_id
+    assert source.cancelled == 0
 
 
 async def test_a_call_past_the_mandatory_point_joins_the_background_renewal(

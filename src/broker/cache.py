@@ -28,6 +28,9 @@ from broker.errors import RoleNotAssumable, TransientAwsError
 from broker.models import Credentials, Grant
 
 Key = tuple[str, str]
+# Longest a call holding valid credentials waits past the mandatory point for their renewal
+# (seconds; STS answers in well under 1 s when it is well): then it is served those.
+MANDATORY_WAIT = 2.0
 MAX_RETRY_PAUSE = 30.0  # seconds, between renewal attempts of one run while STS fails
 
 
@@ -162,12 +165,37 @@ class CredentialCache:
         if held is None and self._admit is not None and grant not in self._inflight:
             self._admit(grant)  # a new run: its first STS session
         self.stats.misses += 1
+        if entry is not None and newer_than is None:
+            return await self._renewed_or_stale(grant, entry)
         try:
             return await self._fetch(grant)
         except TransientAwsError as failure:
             if entry is None:
                 raise
             return self._stale(entry, newer_than, failure)  # `_settle` backed off
+
+    async def _renewed_or_stale(self, grant: Grant, entry: _Entry) -> Credentials:
+        """Past the mandatory point, a caller whose run holds valid credentials waits for
+        their renewal, but at most MANDATORY_WAIT: a renewal slower than that (STS hanging,
+        botocore retrying) runs on in the background, the run backs off as after a failure,
+        and this caller, and the next ones until the back-off ends, are served the still-valid
+        credentials (stale-while-error). So no caller holding valid credentials waits on STS
+        for longer than that, whatever its own deadline."""
+        flight = self._inflight.get(grant) or self._start(grant)
+        flight.waiting += 1
+        try:
+            return await asyncio.wait_for(asyncio.shield(flight.task), MANDATORY_WAIT)
+        except TimeoutError:
+            flight.background = True  # runs on: its answer serves the next callers
+            self._back_off(grant)
+            slow = TransientAwsError(f"STS did not answer within {MANDATORY_WAIT:g} s; retry")
+            return self._stale(entry, None, slow)
+        except TransientAwsError as failure:
+            return self._stale(entry, None, failure)  # `_settle` backed off
+        finally:
+            flight.waiting -= 1
+            if not flight.waiting and not flight.background and not flight.task.done():
+                flight.task.cancel()  # every caller gave up (its deadline): as in `_fetch`
 
     def _stale(
         self, entry: _Entry, newer_than: str | None, failure: TransientAwsError
