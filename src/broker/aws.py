@@ -33,6 +33,7 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     ConnectTimeoutError,
+    EndpointConnectionError,
     HTTPClientError,
     IncompleteReadError,
     ReadTimeoutError,
@@ -320,10 +321,12 @@ class AwsClient:
         self, region: Region, caught_exception: Exception | None = None, **_: Any
     ) -> None:
         """After each of botocore's attempts in a region (its needs-retry event): an attempt
-        that timed out opens the breaker at once, so calls that start while this one makes its
-        second attempt go elsewhere instead of waiting on the same hung region. Returns None:
-        botocore alone decides whether to retry."""
-        if isinstance(caught_exception, ConnectTimeoutError | ReadTimeoutError):
+        that timed out, or whose connection was refused, opens the breaker at once, so calls
+        that start while this one makes its second attempt go elsewhere instead of waiting on
+        the same region. Returns None: botocore alone decides whether to retry."""
+        if isinstance(
+            caught_exception, ConnectTimeoutError | ReadTimeoutError | EndpointConnectionError
+        ):
             self._failed(region, type(caught_exception).__name__)
 
     async def read_trust_policy(self, credentials: Credentials, role_arn: str) -> dict[str, Any]:
