@@ -372,11 +372,8 @@ class Guard:
         self._tokens = [("token:" + name, digest) for name, digest in token_hashes.items()]
         self._policy = policy
         self._dns_names = policy.dns_names if policy is not None else frozenset()
-
-    @property
-    def open(self) -> bool:
-        """No authentication configured (loopback only)."""
-        return not self._mtls and not self._tokens
+        # No authentication configured (loopback only). An attribute: asked on every call.
+        self.open = not self._mtls and not self._tokens
 
     def caller(self, context: PeerContext, metadata: Any) -> Caller:
         """The caller of one call: its client certificate's identity, else its token's."""

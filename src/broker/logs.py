@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
 import logging
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -84,20 +86,27 @@ CREDENTIAL_LEAKING_LOGGERS = ("botocore", "aiobotocore", "boto3", "urllib3", "we
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and every `extra=` field."""
 
-    _second = -1
-    _prefix = ""
+    # The second last formatted and its text, in one attribute: `time` is called by the
+    # handler's lock holder and by AccessLog's writer on the event loop, unlocked.
+    _second: tuple[int, str] = (-1, "")
 
-    def _time(self, created: float) -> str:
+    def time(self, created: float) -> str:
         """ISO 8601 UTC to the millisecond; the part up to the second is made once a second."""
         second = int(created)
-        if second != self._second:
-            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-            self._second = second
-        return f"{self._prefix}.{int((created - second) * 1000):03d}+00:00"
+        known, prefix = self._second
+        if second != known:
+            prefix = self.second(second)
+        return prefix + _MILLISECONDS[int((created - second) * 1000)]
+
+    def second(self, second: int) -> str:
+        """The time up to `second` (epoch seconds), which `time` then reuses."""
+        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        self._second = (second, prefix)
+        return prefix
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": self._time(record.created),
+            "time": self.time(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -113,6 +122,7 @@ class JsonFormatter(logging.Formatter):
 
 
 _OWN_ATTRIBUTES = len(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
+_MILLISECONDS = [f".{ms:03d}+00:00" for ms in range(1000)]  # what follows the second
 # json.dumps(default=…) would make one per line. ensure_ascii (the default) escapes all but
 # ASCII, U+2028/2029 included: JavaScript and some log viewers end a line there.
 _ENCODER = json.JSONEncoder(default=str)
@@ -123,13 +133,15 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     for WARNING and above, and at exit (logging.shutdown flushes). Written as they came, every
     RPC's line was a system call of its own; a busy broker now writes ten times a second. The
     same trade as nginx's buffered access log: a SIGKILL can lose the last `interval` of INFO
-    lines."""
+    lines. `add_line` takes a line made without a record (AccessLog's)."""
 
     def __init__(self, stream: Any, interval: float = 0.1, max_lines: int = 1000) -> None:
         super().__init__(stream)
         self.interval = interval
         self.max_lines = max_lines
-        self._pending: list[str] = []  # formatted lines not written yet; under self.lock
+        # Lines not written yet, in the order they came. Appended by any thread without the
+        # lock (a deque's append and popleft are atomic); taken out by `flush`, under it.
+        self._pending: collections.deque[str] = collections.deque()
         self._closed = threading.Event()
         threading.Thread(target=self._flush_forever, name="log-flush", daemon=True).start()
 
@@ -139,14 +151,23 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:  # as logging.StreamHandler: report, never raise
             self.handleError(record)
             return
-        self._pending.append(line)  # Handler.handle holds self.lock
+        self._pending.append(line)
         if record.levelno >= logging.WARNING or len(self._pending) >= self.max_lines:
+            self.flush()
+
+    def add_line(self, line: str) -> None:
+        """Write `line`, a whole INFO line, with the next batch."""
+        pending = self._pending
+        pending.append(line)
+        if len(pending) >= self.max_lines:
             self.flush()
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
-            if self._pending:
-                lines, self._pending = self._pending, []
+            pending = self._pending
+            if pending:
+                # As many as there are now: lines added meanwhile wait for the next batch.
+                lines = [pending.popleft() for _ in range(len(pending))]
                 self.stream.write("\n".join(lines) + "\n")
             super().flush()
 
@@ -158,6 +179,70 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def _flush_forever(self) -> None:
         while not self._closed.wait(self.interval):
             self.flush()
+
+
+class AccessLog:
+    """The access record: the one INFO line of `message` that `logger` writes for every call
+    (service.py's `rpc`), at a cost near nothing on the event loop. nginx keeps its access
+    log apart from its error log for this reason: one line per request, made from fields
+    already known, buffered; everything else goes through the general machinery.
+
+    `write` makes the very line `logger.info(message, extra=fields)` would put through the
+    JsonFormatter, from the fields' JSON text, in one f-string, and hands it to the
+    BatchingStreamHandler: no LogRecord, no handler lock, no encoder. The caller gives only
+    text that needs no escaping in JSON (validated ids, its own names); anything else goes
+    through `logging`, escaped and bounded (`untrusted`).
+
+    It writes only while the handler `configure` set up in the JSON format is the one place
+    a record of `logger` would go, with no filter, and INFO is enabled; otherwise (the text
+    format, another handler such as pytest's or an embedding program's, a filter, a level
+    above INFO) it writes nothing and says so, and the caller logs through `logging`, so
+    whatever is attached there still sees every call."""
+
+    def __init__(self, logger: logging.Logger, message: str) -> None:
+        self._logger = logger
+        # What follows the time, up to the fields.
+        self._head = (
+            f'", "level": "INFO", "logger": {_ENCODER.encode(logger.name)}, '
+            f'"message": {_ENCODER.encode(message)}, '
+        )
+
+    def write(self, fields: str) -> bool:
+        """Write the line with `fields`, the JSON members of the record's `extra=` in their
+        order (`"key": value, …`), after time, level, logger and message; False if it must
+        go through `logging` instead (nothing was written)."""
+        root = logging.root
+        handlers = root.handlers
+        if len(handlers) != 1 or root.filters:
+            return False
+        handler = handlers[0]
+        formatter = handler.formatter
+        if (
+            type(handler) is not BatchingStreamHandler
+            or type(formatter) is not JsonFormatter
+            or handler.filters
+            or handler.level > logging.INFO
+            or not self._logger.isEnabledFor(logging.INFO)
+        ):
+            return False
+        logger: logging.Logger | None = self._logger
+        while logger is not root and logger is not None:
+            if logger.handlers or logger.filters or not logger.propagate:
+                return False
+            logger = logger.parent
+        # JsonFormatter.time and BatchingStreamHandler.add_line, inline: on every call.
+        now = time.time()
+        second = int(now)
+        known, prefix = formatter._second
+        if second != known:
+            prefix = formatter.second(second)
+        pending = handler._pending
+        pending.append(
+            f'{{"time": "{prefix}{_MILLISECONDS[int((now - second) * 1000)]}{self._head}{fields}}}'
+        )
+        if len(pending) >= handler.max_lines:
+            handler.flush()
+        return True
 
 
 def configure(level: str, fmt: str = "json") -> None:

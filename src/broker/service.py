@@ -22,7 +22,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from broker import logs, validation
-from broker.auth import CALLER, Guard
+from broker.auth import ANYONE_ON_LOOPBACK, CALLER, Guard
 from broker.cache import CredentialCache
 from broker.connections import Connections, guidance
 from broker.errors import (
@@ -144,9 +144,13 @@ class _Call:
     and WatchCredentials do, so no message is ever logged whole. What the caller sent is logged
     as it is only in its validated form, else bounded and escaped (`logs.untrusted`): whatever
     a caller sends, with a token or without, its line stays under 1 KiB. Plain methods, not a
-    context manager: this runs on every call (docs/benchmarks.md)."""
+    context manager: this runs on every call (docs/benchmarks.md).
 
-    __slots__ = ("code", "context", "fields", "method", "request", "started")
+    The line of a call whose fields are all plain (`_PLAIN`: text a JSON string holds as it
+    is) is the access record (logs.AccessLog), made without a LogRecord; any other goes
+    through `logging` (an error's, a hostile caller's, a stream's)."""
+
+    __slots__ = ("code", "context", "fields", "method", "plain", "request", "started")
 
     def __init__(
         self, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -154,22 +158,35 @@ class _Call:
         self.method, self.request, self.context = method, request, context
         self.started, self.code = time.perf_counter(), "OK"
         self.fields: dict[str, object] = {}
+        self.plain = False  # `fields` is request_id and caller, both plain
 
     def admit(self, guard: Guard) -> None:
-        metadata = self.context.invocation_metadata()
-        _request_id(metadata, self.fields)
-        caller = guard.caller(self.context, metadata)
+        context, fields = self.context, self.fields
+        metadata = context.invocation_metadata()
+        for key, value in metadata or ():
+            if key == "x-request-id":
+                _request_id(value, fields)
+                break
+        else:
+            fields["request_id"] = f"{_ID_PREFIX}-{next(_ids):x}"
+        # Open (no authentication configured): everyone is ANYONE_ON_LOOPBACK, allowed all.
+        caller = ANYONE_ON_LOOPBACK if guard.open else guard.caller(context, metadata)
         CALLER.set(caller)
         # A token's name is configured; a certificate's is only signed by our CA, which did not
         # bound its length (a SPIFFE ID may have 2,048 characters).
-        if caller.method != "mtls" or _IDENTITY(caller.identity):
-            self.fields["caller"] = caller.identity
+        identity = caller.identity
+        if _plain(identity):
+            fields["caller"] = identity
+            self.plain = len(fields) == 2  # and the request id was not rejected
+        elif caller.method != "mtls" or _IDENTITY(identity):
+            fields["caller"] = identity
         else:
-            logs.untrusted(self.fields, "caller", caller.identity)
+            logs.untrusted(fields, "caller", identity)
         request = self.request
         if isinstance(request, Malformed):
             raise InvalidArgument("request", f"is not a valid {request.type_name} message")
-        guard.check(caller, self.method, request.tenant_id)
+        if not guard.open:
+            guard.check(caller, self.method, request.tenant_id)
 
     async def fail(self, exc: Exception) -> None:
         self.code = _code_name(exc)
@@ -178,24 +195,42 @@ class _Call:
     def finish(self, metrics: Metrics, log_ok: bool) -> None:
         """Count the call; log it, unless it ended OK and `log_ok` is off (BROKER_RPC_LOG)."""
         elapsed = time.perf_counter() - self.started
-        metrics.rpc_done(self.method, self.code, elapsed)
-        if not log_ok and self.code == "OK":
+        code = self.code
+        metrics.rpc_done(self.method, code, elapsed)
+        if not log_ok and code == "OK":
             return
         request = self.request
         tenant = getattr(request, "tenant_id", "")
         run = getattr(request, "run_id", "")
+        tenant_plain = not tenant or _TENANT_ID(tenant) is not None
+        run_plain = not run or _RUN_ID(run) is not None
+        known = self.fields
+        # The line log.info below would write, when every value is plain (a stream's has
+        # `messages` too, and goes through logging).
+        if (
+            self.plain
+            and tenant_plain
+            and run_plain
+            and len(known) == 2
+            and ACCESS.write(
+                f'"method": "{self.method}", "code": "{code}", "tenant": "{tenant}", '
+                f'"run": "{run}", "latency_ms": {elapsed * 1000:.2f}, '
+                f'"request_id": "{known["request_id"]}", "caller": "{known["caller"]}"'
+            )
+        ):
+            return
         fields: dict[str, object] = {
             "method": self.method,
-            "code": self.code,
+            "code": code,
             "tenant": tenant,
             "run": run,
             "latency_ms": round(elapsed * 1000, 2),
         }
-        if tenant and not _TENANT_ID(tenant):
+        if not tenant_plain:
             logs.untrusted(fields, "tenant", tenant)
-        if run and not _RUN_ID(run):
+        if not run_plain:
             logs.untrusted(fields, "run", run)
-        fields.update(self.fields)
+        fields.update(known)
         log.info("rpc", extra=fields)
 
 
@@ -205,6 +240,16 @@ _TENANT_ID = validation.valid("tenant_id")
 _RUN_ID = validation.valid("run_id")
 _IDENTITY = re.compile(r"[!-~]{1,128}", re.ASCII).fullmatch  # printable ASCII, no space
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}", re.ASCII).fullmatch
+# Plain: what a JSON string holds as it is, as the encoder would write it (printable ASCII but
+# " and \). Validated tenant and run ids, request ids and our own names are plain.
+_PLAIN = re.compile(r"[!#-\[\]-~]{1,128}", re.ASCII).fullmatch
+ACCESS = logs.AccessLog(log, "rpc")
+
+
+@functools.lru_cache(maxsize=1024)
+def _plain(identity: str) -> bool:
+    """Whether a caller's identity is plain; asked on every call, of a few identities."""
+    return _PLAIN(identity) is not None
 
 
 # New request ids: this process's random prefix and a counter; unique across replicas and
@@ -213,22 +258,18 @@ _ID_PREFIX = secrets.token_hex(6)
 _ids = itertools.count(1)
 
 
-def _request_id(metadata: Any, fields: dict[str, object]) -> None:
-    """Set `request_id`: the caller's x-request-id (to correlate with its logs) when it has the
-    form _REQUEST_ID, else a new one. A rejected id is named only by its length and digest,
-    with `request_id_rejected`."""
-    for key, value in metadata or ():
-        if key == "x-request-id":
-            if isinstance(value, str) and _REQUEST_ID(value):
-                fields["request_id"] = value
-                return
-            fields["request_id"] = f"{_ID_PREFIX}-{next(_ids):x}"
-            fields["request_id_rejected"] = True
-            sent = value if isinstance(value, str) else repr(value)
-            fields["request_id_sent_chars"] = len(sent)
-            fields["request_id_sent_sha256"] = logs.digest(sent)
-            return
+def _request_id(sent: object, fields: dict[str, object]) -> None:
+    """Set `request_id` from the x-request-id the caller sent (to correlate with its logs):
+    kept when it has the form _REQUEST_ID, else a new one, and the rejected one named only by
+    its length and digest, with `request_id_rejected`. (With none sent, `admit` makes one.)"""
+    if isinstance(sent, str) and _REQUEST_ID(sent):
+        fields["request_id"] = sent
+        return
     fields["request_id"] = f"{_ID_PREFIX}-{next(_ids):x}"
+    fields["request_id_rejected"] = True
+    text = sent if isinstance(sent, str) else repr(sent)
+    fields["request_id_sent_chars"] = len(text)
+    fields["request_id_sent_sha256"] = logs.digest(text)
 
 
 class CallCap:
@@ -238,7 +279,8 @@ class CallCap:
     call leaves a cancelled timer in the loop's heap.)
 
     `_deadlines`: the handler task of each capped call under way → when it must end; added
-    and removed by the calls, and removed by `watch` when it cancels one (into `_cut`)."""
+    and removed by the calls, and removed by `watch` when it cancels one (into `_cut`, until
+    the call asks `cut`)."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -247,15 +289,21 @@ class CallCap:
         self._cut: set[asyncio.Task[Any]] = set()
 
     def enter(self) -> asyncio.Task[Any] | None:
+        """Watch the call of the current task (None, and not watched, outside a task)."""
         task = asyncio.current_task()
         if task is not None:
             self._deadlines[task] = time.monotonic() + self.seconds
         return task
 
-    def leave(self, task: asyncio.Task[Any] | None) -> bool:
-        """Stop watching the call; True when it was cut by the cap (its cancellation is then
-        taken back, so the call can still answer DEADLINE_EXCEEDED)."""
+    def leave(self, task: asyncio.Task[Any] | None) -> None:
+        """Stop watching the call (and take back a cut it did not hear of)."""
         self._deadlines.pop(task, None)  # type: ignore[arg-type]
+        if self._cut:
+            self.cut(task)
+
+    def cut(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether the cap cancelled the call (asked on its CancelledError); if so, the
+        cancellation is taken back, so the call can still answer DEADLINE_EXCEEDED."""
         if task is None or task not in self._cut:
             return False
         self._cut.discard(task)
@@ -284,17 +332,18 @@ def unary(handler: Handler) -> Handler:
             call.admit(self.guard)
             if context.time_remaining() is not None:
                 return await handler(self, request, context)
-            capped = self.cap.enter()
+            cap = self.cap
+            capped = cap.enter()
             try:
                 return await handler(self, request, context)
             except asyncio.CancelledError:
-                if self.cap.leave(capped):
+                if cap.cut(capped):
                     raise DeadlineExceeded(
-                        f"the call took longer than the server's limit of {self.cap.seconds} s"
+                        f"the call took longer than the server's limit of {cap.seconds} s"
                     ) from None
                 raise
             finally:
-                self.cap.leave(capped)
+                cap.leave(capped)
         except asyncio.CancelledError:  # the caller went away
             call.code = "CANCELLED"
             raise
