@@ -40,6 +40,7 @@ from botocore.exceptions import (
     UnknownRegionError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.parsers import ResponseParserError
 
 from broker.config import ConfigError, parse_endpoint_urls
 from broker.errors import BrokerError, RoleNotAssumable, TransientAwsError, Unavailable
@@ -68,6 +69,9 @@ TRANSIENT_CODES = frozenset(
         "PriorRequestNotComplete",
     }
 )
+# Not the role's answer: STS not activated in this region for the account, or no STS error at
+# all (a proxy's page botocore could parse as XML): another region may answer.
+REGIONAL_CODES = frozenset({"RegionDisabledException"})
 # Our own identity is broken: not the customer's to fix, and not worth retrying at once.
 BROKER_IDENTITY_CODES = frozenset(
     {"InvalidClientTokenId", "ExpiredToken", "SignatureDoesNotMatch", "UnrecognizedClientException"}
@@ -94,6 +98,8 @@ FAILOVER_CONFIG = AioConfig(
     max_pool_connections=64,
 )
 
+
+SLOW_ANSWER = 1.0  # seconds: AssumeRole answers in well under this when STS is healthy
 
 # botocore's errors that say the endpoint failed: refused, reset, timed out, cut short.
 UNREACHABLE = (BotoConnectionError, HTTPClientError, IncompleteReadError)
@@ -270,6 +276,7 @@ class AwsClient:
         while (picked := pick(self._regions, {n for n, _ in tried}, self._clock())) is not None:
             region, trial = picked
             outcome = "abandoned"
+            asked_at = self._clock()
             try:
                 assert region.client is not None, "AwsClient.start() was not called"
                 with translate_errors(action, resource):
@@ -284,6 +291,12 @@ class AwsClient:
                 outcome = "transient"
                 self._failed(region, why(failure))
                 tried.append((region.name, failure))
+            except asyncio.CancelledError:
+                # Its caller gave up (a deadline shorter than one attempt here): a region that
+                # kept it waiting past a healthy answer's time is not asked first again.
+                if len(self._regions) > 1 and self._clock() - asked_at >= SLOW_ANSWER:
+                    self._failed(region, "abandoned while waiting")
+                raise
             except BrokerError as refused:  # the role refused, or our identity: an answer
                 outcome = "denied" if isinstance(refused, RoleNotAssumable) else "transient"
                 self._answered(region)
@@ -405,12 +418,31 @@ def translate_errors(action: str, resource: str = "") -> Any:
         code = str(error.get("Code", "Unknown"))
         message = str(error.get("Message", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        if code in TRANSIENT_CODES or status >= 500:
+        if exc.operation_name != action.partition(":")[2]:
+            # Raised while botocore refreshed the broker's OWN credentials (IRSA, Pod
+            # Identity: AssumeRoleWithWebIdentity): never the customer's role speaking.
+            log.error(
+                "the broker's own AWS credentials could not be refreshed",
+                extra={"aws_code": code, "operation": exc.operation_name},
+            )
+            raise Unavailable(
+                f"{action}: the broker's own AWS credentials could not be refreshed ({code})"
+            ) from None
+        if (
+            code in TRANSIENT_CODES
+            or status >= 500
+            or code in REGIONAL_CODES
+            or "Code" not in error
+        ):
             raise TransientAwsError(f"{action} failed transiently ({code}); retry") from exc
         if code in BROKER_IDENTITY_CODES:
             log.error("the broker's own AWS identity was refused", extra={"aws_code": code})
             raise Unavailable(f"{action}: the broker's AWS identity was refused ({code})") from exc
         raise RoleNotAssumable(f"{code}: {message}", subject=resource, code=code) from exc
+    except ResponseParserError:
+        # Its text holds the body it could not parse: an AssumeRole answer cut short holds a
+        # secret key. Neither chained nor logged.
+        raise TransientAwsError(f"{action}: an answer that is not STS's (unparsable)") from None
     except UNREACHABLE as exc:
         raise TransientAwsError(
             f"{action}: AWS could not be reached ({type(exc).__name__})"

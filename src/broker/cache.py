@@ -162,7 +162,12 @@ class CredentialCache:
             # STS failed for this run moments ago: callers with valid credentials to be served
             # do not ask it again yet. (Streams pace their own retries.)
             return self._stale(entry, newer_than, TransientAwsError("STS is failing; retry"))
-        if held is None and self._admit is not None and grant not in self._inflight:
+        if (
+            held is None
+            and self._admit is not None
+            and grant not in self._inflight
+            and newer_than is None
+        ):
             self._admit(grant)  # a new run: its first STS session
         self.stats.misses += 1
         if entry is not None and newer_than is None:

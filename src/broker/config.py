@@ -163,7 +163,9 @@ class Settings(BaseSettings):
     )
     tenant_sts_rate: float = Field(
         DEFAULT_TENANT_STS_RATE,
-        gt=0,
+        ge=0.001,
+        le=1e6,
+        allow_inf_nan=False,
         description="New STS sessions (first credentials of a run) per second per tenant, "
         "refilling a bucket of BROKER_TENANT_STS_BURST; past it, RESOURCE_EXHAUSTED with a "
         "RetryInfo. Renewals and cached answers never count.",
@@ -200,7 +202,9 @@ class Settings(BaseSettings):
     )
     caller_tenant_rate: float = Field(
         DEFAULT_CALLER_TENANT_RATE,
-        gt=0,
+        ge=0.001,
+        le=1e6,
+        allow_inf_nan=False,
         description="Tenants one caller may create per second (CreateConnection for a new "
         "tenant), refilling a bucket of BROKER_CALLER_TENANT_BURST, on this replica; the "
         "policy file may set others for a caller (tenant_rate, tenant_burst).",

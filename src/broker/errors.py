@@ -128,6 +128,9 @@ class GrantChanged(Aborted):
     credentials were being minted under the old grant: read the grant again and retry."""
 
 
+MAX_RETRY_AFTER = 86_400.0
+
+
 class ResourceExhausted(BrokerError):
     """A limit of the caller's or the tenant's share was reached (google.rpc.QuotaFailure).
 
@@ -149,7 +152,8 @@ class ResourceExhausted(BrokerError):
         self.limit = limit
         self.subject = subject
         self.reason = reason
-        self.retry_after = retry_after
+        # A day at most: RetryInfo's Duration must stay representable whatever the rate.
+        self.retry_after = None if retry_after is None else min(retry_after, MAX_RETRY_AFTER)
 
 
 class Unavailable(BrokerError):
