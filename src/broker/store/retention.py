@@ -11,8 +11,9 @@ one after another, each seeing every event committed before it, whichever replic
    stays visible, as the last change before it). An audit event repeats one of its own kind
    with the same actor, role, external ID and check outcomes (each check's name and verdict).
 2. **A bound per tenant.** At most `tenant_max_events` rows. Past it, rows go in this order:
-   `link_changed` oldest first, then audit events (every other kind, an unknown one too) oldest
-   first; the newest row of each kind is never deleted. Audit rows that go are named in a
+   `link_changed` oldest first, then `verification_failed` (an audit event that changed
+   nothing) oldest first, then the other audit events (an unknown kind too) oldest first; the
+   newest row of each kind is never deleted. Audit rows that go are named in a
    warning (every event was logged on `broker.audit` when it was stored).
 
 SQL here uses `?` placeholders; PostgreSQL numbers them (`numbered`).
@@ -48,8 +49,14 @@ MERGE = (
     "UPDATE connection_events SET first_at = coalesce(first_at, at), at = ?, actor = ?, "
     "role_arn = ?, checks = ?, repeats = repeats + 1 WHERE id = ?"
 )
-# A tenant's rows that may go, oldest first: those of one side (`{side}`: the kinds in
-# NOT_AUDIT, or the others) that are not the newest of their kind.
+# Audit events that change nothing (a verification that failed leaves the connection as it
+# was): past the bound they go before those that do, so no run of failed VerifyRole calls (no
+# STS call needed: a role another tenant holds) can push a tenant's created or verified out.
+UNCHANGING = ("verification_failed",)
+_UNCHANGING_SQL = ", ".join(f"'{kind}'" for kind in UNCHANGING)
+
+# A tenant's rows that may go, oldest first: those of one tier (`{side}`: the kinds in
+# NOT_AUDIT, in UNCHANGING, or the others) that are not the newest of their kind.
 _DELETABLE = (
     "SELECT id FROM connection_events e WHERE tenant_id = ? AND kind {side} "
     "AND EXISTS (SELECT 1 FROM connection_events n "
@@ -62,14 +69,17 @@ PRUNE = (
     "DELETE FROM connection_events WHERE id IN (SELECT id FROM ("  # noqa: S608 - constant
     f" SELECT id, 0 AS pass FROM ({_DELETABLE.format(side=f'IN ({_NOT_AUDIT_SQL})')}) AS a"
     " UNION ALL"
-    f" SELECT id, 1 AS pass FROM ({_DELETABLE.format(side=f'NOT IN ({_NOT_AUDIT_SQL})')}) AS b"
+    f" SELECT id, 1 AS pass FROM ({_DELETABLE.format(side=f'IN ({_UNCHANGING_SQL})')}) AS b"
+    " UNION ALL"
+    " SELECT id, 2 AS pass FROM ("
+    f"{_DELETABLE.format(side=f'NOT IN ({_NOT_AUDIT_SQL}, {_UNCHANGING_SQL})')}) AS c"
     ") AS deletable ORDER BY pass, id LIMIT ?) RETURNING kind"
 )
 
 
-def prune_values(tenant_id: str, excess: int) -> tuple[str, int, str, int, int]:
+def prune_values(tenant_id: str, excess: int) -> tuple[str | int, ...]:
     """PRUNE's values: delete `excess` rows of the tenant."""
-    return (tenant_id, excess, tenant_id, excess, excess)
+    return (tenant_id, excess, tenant_id, excess, tenant_id, excess, excess)
 
 
 # Part of a migration (never change it): it brings rows stored before retention under rule 1
