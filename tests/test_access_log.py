@@ -187,32 +187,49 @@ async def test_what_is_not_plain_goes_through_logging_bounded(
 def test_access_lines_keep_their_place_and_leave_with_a_warning_or_at_close() -> None:
     logger = logging.getLogger("tests.access")
     access = AccessLog(logger, "rpc")
+
+    def write(run: str) -> bool:
+        return access.write("M", "OK", "t", run, 0.001234, "req", "anonymous@loopback")
+
     with broker_handler() as sink:
-        assert access.write('"n": 1')
+        assert write("1")
         logger.info("between")
-        assert access.write('"n": 2')
+        assert write("2")
         assert sink.getvalue() == "", "INFO waits for the batch"
         logger.warning("now")
         lines = [json.loads(line) for line in sink.getvalue().splitlines()]
-        assert [(e["message"], e.get("n")) for e in lines] == [
-            ("rpc", 1),
+        assert [(e["message"], e.get("run")) for e in lines] == [
+            ("rpc", "1"),
             ("between", None),
-            ("rpc", 2),
+            ("rpc", "2"),
             ("now", None),
         ]
-        assert (lines[0]["level"], lines[0]["logger"]) == ("INFO", "tests.access")
-        assert access.write('"n": 3')
+        assert lines[0] == {
+            "time": lines[0]["time"],
+            "level": "INFO",
+            "logger": "tests.access",
+            "message": "rpc",
+            "method": "M",
+            "code": "OK",
+            "tenant": "t",
+            "run": "1",
+            "latency_ms": 1.23,
+            "request_id": "req",
+            "caller": "anonymous@loopback",
+        }
+        assert TIME.fullmatch(lines[0]["time"])
+        assert write("3")
         logger.setLevel(logging.WARNING)
         try:
-            assert not access.write('"n": 4'), "INFO is off: nothing to write"
+            assert not write("4"), "INFO is off: nothing to write"
         finally:
             logger.setLevel(logging.NOTSET)
         logger.addFilter(lambda record: True)
-        assert not access.write('"n": 5'), "a filter: through logging"
+        assert not write("5"), "a filter: through logging"
         logger.filters.clear()
-        assert '"n": 3' not in sink.getvalue()
-    assert json.loads(sink.getvalue().splitlines()[-1])["n"] == 3, "written at close"
-    assert not access.write('"n": 6'), "pytest's handlers are back: through logging"
+        assert '"run": "3"' not in sink.getvalue()
+    assert json.loads(sink.getvalue().splitlines()[-1])["run"] == "3", "written at close"
+    assert not write("6"), "pytest's handlers are back: through logging"
 
 
 @pytest.mark.parametrize(

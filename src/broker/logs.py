@@ -86,8 +86,7 @@ CREDENTIAL_LEAKING_LOGGERS = ("botocore", "aiobotocore", "boto3", "urllib3", "we
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and every `extra=` field."""
 
-    # The second last formatted and its text, in one attribute: `time` is called by the
-    # handler's lock holder and by AccessLog's writer on the event loop, unlocked.
+    # The second last formatted and its text (one attribute: read and set at once).
     _second: tuple[int, str] = (-1, "")
 
     def time(self, created: float) -> str:
@@ -133,15 +132,17 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     for WARNING and above, and at exit (logging.shutdown flushes). Written as they came, every
     RPC's line was a system call of its own; a busy broker now writes ten times a second. The
     same trade as nginx's buffered access log: a SIGKILL can lose the last `interval` of INFO
-    lines. `add_line` takes a line made without a record (AccessLog's)."""
+    lines. Besides records' lines it holds access records (AccessLog), made into lines when
+    the batch is written."""
 
     def __init__(self, stream: Any, interval: float = 0.1, max_lines: int = 1000) -> None:
         super().__init__(stream)
         self.interval = interval
         self.max_lines = max_lines
-        # Lines not written yet, in the order they came. Appended by any thread without the
-        # lock (a deque's append and popleft are atomic); taken out by `flush`, under it.
-        self._pending: collections.deque[str] = collections.deque()
+        # Lines and access records not written yet, in the order they came. Appended by any
+        # thread without the lock (a deque's append and popleft are atomic); taken out by
+        # `flush`, under it.
+        self._pending: collections.deque[str | tuple[Any, ...]] = collections.deque()
         self._closed = threading.Event()
         threading.Thread(target=self._flush_forever, name="log-flush", daemon=True).start()
 
@@ -155,19 +156,17 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if record.levelno >= logging.WARNING or len(self._pending) >= self.max_lines:
             self.flush()
 
-    def add_line(self, line: str) -> None:
-        """Write `line`, a whole INFO line, with the next batch."""
-        pending = self._pending
-        pending.append(line)
-        if len(pending) >= self.max_lines:
-            self.flush()
-
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             pending = self._pending
             if pending:
-                # As many as there are now: lines added meanwhile wait for the next batch.
-                lines = [pending.popleft() for _ in range(len(pending))]
+                # As many as there are now: what comes meanwhile waits for the next batch.
+                batch = [pending.popleft() for _ in range(len(pending))]
+                formatter = self.formatter
+                lines = [
+                    item if isinstance(item, str) else item[0].line(item, formatter)
+                    for item in batch
+                ]
                 self.stream.write("\n".join(lines) + "\n")
             super().flush()
 
@@ -182,16 +181,18 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 class AccessLog:
-    """The access record: the one INFO line of `message` that `logger` writes for every call
-    (service.py's `rpc`), at a cost near nothing on the event loop. nginx keeps its access
-    log apart from its error log for this reason: one line per request, made from fields
-    already known, buffered; everything else goes through the general machinery.
+    """The access record: the INFO line of `message` that `logger` writes for every RPC
+    (service.py's `rpc`: method, code, tenant, run, latency_ms, request_id, caller), at a cost
+    near nothing on the event loop. nginx keeps its access log apart from its error log for
+    this reason: one line per request, of fields already known, buffered; everything else
+    goes through the general machinery.
 
-    `write` makes the very line `logger.info(message, extra=fields)` would put through the
-    JsonFormatter, from the fields' JSON text, in one f-string, and hands it to the
-    BatchingStreamHandler: no LogRecord, no handler lock, no encoder. The caller gives only
-    text that needs no escaping in JSON (validated ids, its own names); anything else goes
-    through `logging`, escaped and bounded (`untrusted`).
+    `write` puts the fields, as they are, in the BatchingStreamHandler's buffer: no
+    LogRecord, no lock, no formatting. The handler's thread makes each into the very line
+    `logger.info(message, extra=fields)` would have put through the JsonFormatter, in one
+    f-string, when it writes the batch. The caller gives only plain text (what a JSON string
+    holds as it is: validated ids, its own names); anything else goes through `logging`,
+    escaped and bounded (`untrusted`).
 
     It writes only while the handler `configure` set up in the JSON format is the one place
     a record of `logger` would go, with no filter, and INFO is enabled; otherwise (the text
@@ -201,25 +202,32 @@ class AccessLog:
 
     def __init__(self, logger: logging.Logger, message: str) -> None:
         self._logger = logger
-        # What follows the time, up to the fields.
+        # What follows the time, up to the first field's value.
         self._head = (
             f'", "level": "INFO", "logger": {_ENCODER.encode(logger.name)}, '
-            f'"message": {_ENCODER.encode(message)}, '
+            f'"message": {_ENCODER.encode(message)}, "method": "'
         )
 
-    def write(self, fields: str) -> bool:
-        """Write the line with `fields`, the JSON members of the record's `extra=` in their
-        order (`"key": value, …`), after time, level, logger and message; False if it must
-        go through `logging` instead (nothing was written)."""
+    def write(
+        self,
+        method: str,
+        code: str,
+        tenant: str,
+        run: str,
+        seconds: float,
+        request_id: str,
+        caller: str,
+    ) -> bool:
+        """Write a call's record (every text plain; `seconds` its latency), or return False
+        if it must go through `logging` instead (nothing was written)."""
         root = logging.root
         handlers = root.handlers
         if len(handlers) != 1 or root.filters:
             return False
         handler = handlers[0]
-        formatter = handler.formatter
         if (
             type(handler) is not BatchingStreamHandler
-            or type(formatter) is not JsonFormatter
+            or type(handler.formatter) is not JsonFormatter
             or handler.filters
             or handler.level > logging.INFO
             or not self._logger.isEnabledFor(logging.INFO)
@@ -230,19 +238,20 @@ class AccessLog:
             if logger.handlers or logger.filters or not logger.propagate:
                 return False
             logger = logger.parent
-        # JsonFormatter.time and BatchingStreamHandler.add_line, inline: on every call.
-        now = time.time()
-        second = int(now)
-        known, prefix = formatter._second
-        if second != known:
-            prefix = formatter.second(second)
         pending = handler._pending
-        pending.append(
-            f'{{"time": "{prefix}{_MILLISECONDS[int((now - second) * 1000)]}{self._head}{fields}}}'
-        )
+        pending.append((self, time.time(), method, code, tenant, run, seconds, request_id, caller))
         if len(pending) >= handler.max_lines:
             handler.flush()
         return True
+
+    def line(self, record: tuple[Any, ...], formatter: JsonFormatter) -> str:
+        """The line of a record `write` buffered (made by the handler's thread)."""
+        _, created, method, code, tenant, run, seconds, request_id, caller = record
+        return (
+            f'{{"time": "{formatter.time(created)}{self._head}{method}", "code": "{code}", '
+            f'"tenant": "{tenant}", "run": "{run}", "latency_ms": {seconds * 1000:.2f}, '
+            f'"request_id": "{request_id}", "caller": "{caller}"}}'
+        )
 
 
 def configure(level: str, fmt: str = "json") -> None:

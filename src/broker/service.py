@@ -204,7 +204,7 @@ class _Call:
         run = getattr(request, "run_id", "")
         tenant_plain = not tenant or _TENANT_ID(tenant) is not None
         run_plain = not run or _RUN_ID(run) is not None
-        known = self.fields
+        known: dict[str, Any] = self.fields
         # The line log.info below would write, when every value is plain (a stream's has
         # `messages` too, and goes through logging).
         if (
@@ -213,9 +213,7 @@ class _Call:
             and run_plain
             and len(known) == 2
             and ACCESS.write(
-                f'"method": "{self.method}", "code": "{code}", "tenant": "{tenant}", '
-                f'"run": "{run}", "latency_ms": {elapsed * 1000:.2f}, '
-                f'"request_id": "{known["request_id"]}", "caller": "{known["caller"]}"'
+                self.method, code, tenant, run, elapsed, known["request_id"], known["caller"]
             )
         ):
             return
