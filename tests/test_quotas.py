@@ -392,3 +392,100 @@ async def test_the_client_waits_as_long_as_retry_info_asks(
             second = await client.issue_credentials("acme", "r1")
         assert second.access_key_id
         assert await limit_hits(running, "tenant_sts_rate") == 1
+
+
+async def test_a_streams_renewal_is_never_charged_as_a_new_session(
+    base: dict[str, Any], broker_identity: Identity, local_aws: LocalAws
+) -> None:
+    """A stream's cache entry evicted (the cache is full, the tenant came to hold its share
+    first): at the stream's renewal the cache holds nothing for the run, yet the renewal is
+    not a new run, so the tenant's spent new-session bucket does not end the stream."""
+    async with broker_with(
+        base, broker_identity, cache_max_entries=1, tenant_sts_burst=1, tenant_sts_rate=0.01
+    ) as running:
+        await connect(running, local_aws, "a")
+        await connect(running, local_aws, "b")
+        local_aws.sts.session_lifetime = 4  # the stream renews within about 2 s
+        stream = watch(running, "a", "s")
+        first = await stream.read()
+        await running.stub.IssueCredentials(pb.IssueCredentialsRequest(tenant_id="b", run_id="b"))
+        assert running.broker.cache.grants_of("a") == [], "a's entry was evicted"
+        try:
+            renewed = await asyncio.wait_for(stream.read(), 10)
+        except grpc.aio.AioRpcError as error:
+            raise AssertionError(
+                f"the stream ended {error.code().name}: {error.details()}"
+            ) from None
+        assert renewed.credentials.access_key_id != first.credentials.access_key_id
+        assert await limit_hits(running, "tenant_sts_rate") == 0
+        stream.cancel()
+
+
+async def test_stream_counts_return_to_zero_whatever_ends_the_streams(
+    base: dict[str, Any], broker_identity: Identity, local_aws: LocalAws
+) -> None:
+    """400 streams of one tenant and caller end every way a stream ends (cancelled before or
+    after its first message, its run released, the tenant disconnected), many at once. Then
+    the tenant holds its whole share again, exactly: `most` streams open and one more is
+    refused for the tenant; one of another tenant opens, and one more is refused for the
+    caller (`most` + 1)."""
+    most = 420  # at least as many as are ever open at once here
+    async with broker_with(
+        base, broker_identity, tenant_max_streams=most, caller_max_streams=most + 1
+    ) as running:
+        await connect(running, local_aws, "acme")
+        await connect(running, local_aws, "globex")
+
+        async def one(i: int) -> None:
+            run = f"r{i % 40}"
+            stream = watch(running, "acme", run)
+            try:
+                if i % 4 == 0:  # at any moment, often before the first message
+                    await asyncio.sleep(i % 7 * 0.005)
+                    stream.cancel()
+                elif i % 4 == 1:
+                    await stream.read()
+                    stream.cancel()
+                elif i % 4 == 2:  # its run released: the stream ends
+                    await stream.read()
+                    await running.stub.ReleaseCredentials(
+                        pb.ReleaseCredentialsRequest(tenant_id="acme", run_id=run)
+                    )
+                    await stream.read()
+                else:
+                    await stream.read()
+                    await asyncio.sleep(i % 5 * 0.005)
+                    stream.cancel()
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                pass
+
+        await asyncio.gather(*(one(i) for i in range(400)))
+        left = [watch(running, "acme", f"z{i}") for i in range(20)]
+        for stream in left:
+            await stream.read()
+        await running.stub.Disconnect(pb.DisconnectRequest(tenant_id="acme"))
+        for stream in left:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stream.read()
+        for _ in range(500):  # the server ends each cancelled stream in its own time
+            if len(running.broker.hub) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert len(running.broker.hub) == 0
+
+        await connect(running, local_aws, "acme")
+        full = [watch(running, "acme", f"again-{i % 4}") for i in range(most)]
+        for stream in full:
+            assert (await stream.read()).credentials.access_key_id
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await watch(running, "acme", "one-more").read()
+        assert_quota(caught.value, "BROKER_TENANT_MAX_STREAMS", "tenant:acme", retry=False)
+        other = watch(running, "globex", "g")
+        assert (await other.read()).credentials.access_key_id
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await watch(running, "globex", "g2").read()
+        assert_quota(
+            caught.value, "BROKER_CALLER_MAX_STREAMS", "caller:anonymous@loopback", retry=False
+        )
+        for stream in [*full, other]:
+            stream.cancel()

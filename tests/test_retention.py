@@ -25,7 +25,7 @@ from broker.store import ConnectionStore, StoreConflict, open_store, retention
 from broker.store import postgres as postgres_store
 from broker.store import sqlite as sqlite_store
 from broker.v1 import broker_pb2 as pb
-from tests.conftest import Running, settings_for, start_broker
+from tests.conftest import Running, connect, settings_for, start_broker
 
 REGIONS = ("eu-west-1", "us-east-1")
 # Roles nobody created: VerifyRole fails on them, the same way every time.
@@ -389,3 +389,32 @@ async def test_a_database_defaulting_to_serializable_changes_nothing(postgres_ur
         await db.close()
     _, most = await race(postgres_url, 10, 30)
     assert most == 10
+
+
+async def test_failed_verifications_never_push_a_tenants_earlier_role_out_of_its_trail(
+    small_bound: Running, local_aws: LocalAws, tenant: str
+) -> None:
+    """Past the bound, verification_failed rows (audit events that changed nothing) go before
+    created, verified and disconnected: a run of failed VerifyRole calls, each cheap to make,
+    cannot push the tenant's earlier role (its first verified event) out of its trail."""
+    stub = small_bound.stub
+    first = (await connect(small_bound, local_aws, tenant)).role_arn
+    await stub.Disconnect(pb.DisconnectRequest(tenant_id=tenant))
+    second = (await connect(small_bound, local_aws, tenant)).role_arn
+    for i in range(12):  # two roles in turn: no two in a row compact
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.VerifyRole(
+                pb.VerifyRoleRequest(tenant_id=tenant, role_arn=MISSING_ROLES[i % 2])
+            )
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    rows = [
+        (kind, role_arn) for kind, _, _, role_arn in await stored(small_bound.database_url, tenant)
+    ]
+    assert rows[:5] == [
+        ("created", ""),
+        ("verified", first),
+        ("disconnected", first),
+        ("created", ""),
+        ("verified", second),
+    ]
+    assert rows[5:] == [("verification_failed", MISSING_ROLES[i % 2]) for i in range(7, 12)]
