@@ -539,10 +539,10 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
     ) -> AsyncIterator[pb.WatchCredentialsResponse]:
         tenant_id = validation.field("tenant_id", request.tenant_id)
         run_id = validation.field("run_id", request.run_id)
-        # Subscribed before the grant is first read, so a Disconnect or role change from here
-        # on reaches this stream (ends or wakes it) whatever it is waiting for.
         # Within the caller's and the tenant's share of streams, held until the stream ends.
         with self._limits.stream(CALLER.get().identity, tenant_id):
+            # Subscribed before the grant is first read, so a Disconnect or role change from
+            # here on reaches this stream (ends or wakes it) whatever it is waiting for.
             subscription = self._hub.subscribe((tenant_id, run_id))
             renewal = False  # the first message is the current credentials; later ones renew
             try:
