@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from broker.config import load_settings
 from broker.server import run_loop, server_options
 from broker.v1 import broker_pb2 as pb
+from broker.wire import GenericOnly
 
 SERVICE = "broker.v1.CredentialBroker"
 
@@ -37,7 +38,7 @@ class Bare:
 async def serve(response: pb.IssueCredentialsResponse, port: int) -> None:
     server = grpc.aio.server(options=server_options(load_settings()))
     bare = Bare(response)
-    # Registered as the broker registers its service (broker.wire), this one method only.
+    # Registered as the broker registers its services (broker.wire), this one method only.
     handlers = {
         "IssueCredentials": grpc.unary_unary_rpc_method_handler(
             bare.IssueCredentials,
@@ -46,9 +47,8 @@ async def serve(response: pb.IssueCredentialsResponse, port: int) -> None:
         )
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, GenericOnly(server))
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -4,7 +4,7 @@ hold credentials made unprintable, so no log line or traceback can show them who
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -34,6 +34,26 @@ def _tolerant(message_type: type[Message]) -> Callable[[bytes], Message | Malfor
     return parse
 
 
+class GenericOnly:
+    """`server` as a generated `add_*_to_server` function sees it: the handlers it adds are
+    served through its generic handler only. grpc.aio's accept loop keeps one request
+    outstanding for every method registered with `add_registered_method_handlers` and waits
+    on all of them for every call that arrives: each registered method costs every call,
+    whichever method it is, about 7k instructions (docs/performance.md). A generic handler
+    costs only the calls that reach it, the lookup of its service's method table."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        """Not registered: the generic handler added beside them serves these methods."""
+
+
 def add_to_server(servicer: Any, server: grpc.aio.Server) -> None:
     """Register `servicer`'s methods for every RPC of broker.v1.CredentialBroker."""
     handlers = {}
@@ -50,10 +70,10 @@ def add_to_server(servicer: Any, server: grpc.aio.Server) -> None:
             request_deserializer=_tolerant(request),
             response_serializer=response.SerializeToString,
         )
+    # A generic handler only (GenericOnly says why).
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
     )
-    server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
 def _redacted(message: Message) -> str:
