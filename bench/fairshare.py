@@ -287,10 +287,13 @@ async def storm_default_limits(world: World, report: Report, *, quick: bool) -> 
         Figure(
             STORM,
             f"{label}: never back",
-            n - len(limited.back),
+            limited.never_back,
             "streams",
             target="= 0",
-            met=len(limited.back) == n,
+            met=not limited.never_back,
+            note=f"not counted: {len(limited.moved)} that failed on A before the kill"
+            if limited.moved
+            else "",
         )
     )
     cancelled = limited.endings("CANCELLED")
@@ -323,10 +326,10 @@ async def storm_default_limits(world: World, report: Report, *, quick: bool) -> 
             f"{label}: AssumeRole answered during the storm",
             calls,
             "calls",
-            n,
-            "one per run",
+            len(limited.roamers),
+            "one per run on A",
             "= 1×",
-            calls == n,
+            calls == len(limited.roamers),
         )
     )
     most = limited.stats["most_in_flight"]

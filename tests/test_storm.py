@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import grpc
+import pytest
 
-from broker.emulator import LocalAws
+from broker.emulator import Identity, LocalAws
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc
-from tests.conftest import Running, connect
+from tests.conftest import Running, connect, start_broker
 
 STREAMS = 1000
 RUNS = 50  # many streams per run, as when several sandboxes of a run reconnect
@@ -45,3 +47,35 @@ async def test_a_thousand_streams_opened_at_once_all_get_credentials(
     for channel in channels:
         await channel.close()
     print(f"{STREAMS} streams opened at once: all served in {elapsed:.2f}s")
+
+
+@pytest.mark.parametrize(("bound", "cancelled"), [(1, True), (10, False)])
+async def test_a_call_waits_in_core_queue_as_long_as_max_pending_seconds(
+    broker_settings: dict[str, Any], broker_identity: Identity, bound: int, cancelled: bool
+) -> None:
+    """While the server's event loop is busy (here: blocked for 3 s, as a storm's AssumeRole
+    work keeps it), calls queue in gRPC core; core cancels those queued longer than
+    BROKER_MAX_PENDING_SECONDS. Its default is well above gRPC core's own 30 s, under which
+    a 10,000-stream storm lost its tail (docs/benchmarks.md)."""
+    overrides = dict(broker_settings, max_pending_seconds=bound)
+    async with start_broker(overrides, broker_identity) as started:
+        with grpc.insecure_channel(started.address) as channel:
+            stub = broker_pb2_grpc.CredentialBrokerStub(channel)
+            request = pb.GetConnectionRequest(tenant_id="nobody-here")
+            with pytest.raises(grpc.RpcError) as first:  # the channel is up before the wait
+                await asyncio.to_thread(stub.GetConnection, request, timeout=10)
+            assert first.value.code() == grpc.StatusCode.NOT_FOUND
+            calls = [stub.GetConnection.future(request, timeout=30) for _ in range(20)]
+            time.sleep(3)  # noqa: ASYNC251 - the broker's loop is busy on purpose
+
+            def outcomes() -> list[grpc.StatusCode]:
+                """Each call's code (every one fails: NOT_FOUND, or CANCELLED in the queue)."""
+                return [call.exception().code() for call in calls]  # type: ignore[union-attr]
+
+            codes = await asyncio.to_thread(outcomes)
+    queued_out = codes.count(grpc.StatusCode.CANCELLED)
+    assert set(codes) <= {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED}
+    if cancelled:
+        assert queued_out >= 10, f"queued past {bound} s, yet answered: {codes}"
+    else:
+        assert queued_out == 0, f"{queued_out} of 20 cancelled while queued under {bound} s"

@@ -47,6 +47,7 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     return [
         ("grpc.server.max_pending_requests", settings.max_pending_requests),
         ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_requests),
+        ("grpc.server_max_unrequested_time_in_server", settings.max_pending_seconds),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_permit_without_calls", 1),
