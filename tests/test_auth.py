@@ -3,6 +3,7 @@ tokens of which only hashes are configured, and the per-RPC, per-tenant policy."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -209,6 +210,59 @@ async def test_tokens_authenticate_by_hash_and_never_reach_the_log(
     assert launcher_token not in logged
     assert ui_token not in logged
     assert launcher_token[:-2] not in logged
+
+
+async def test_calls_at_once_are_each_judged_by_their_own_metadata(
+    pki: Pki,
+    broker_settings: dict[str, Any],
+    broker_identity: Identity,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A call's caller and request id come from its own metadata whatever else is in flight:
+    300 calls at once over one connection, in turn with the UI's token, the launcher's, and
+    none; every other one sends a request id. None is judged or logged by another's."""
+    ui_token, launcher_token = new_token(), new_token()
+    settings = tls_settings(
+        pki,
+        broker_settings,
+        token_hashes=f"launcher={hash_token(launcher_token)},ui={hash_token(ui_token)}",
+        policy="token:ui=connections; token:launcher=credentials",
+    )
+    kinds = (  # token, the answer to GetConnection of an unknown tenant, the caller logged
+        (ui_token, grpc.StatusCode.NOT_FOUND, "token:ui"),
+        (launcher_token, grpc.StatusCode.PERMISSION_DENIED, "token:launcher"),
+        (None, grpc.StatusCode.UNAUTHENTICATED, None),
+    )
+    caplog.set_level(logging.INFO)
+    async with (
+        start_broker(settings, broker_identity) as running,
+        channel_as(running.address, pki, None) as channel,
+    ):
+        stub = broker_pb2_grpc.CredentialBrokerStub(channel)
+
+        async def call(number: int) -> grpc.StatusCode:
+            token = kinds[number % 3][0]
+            metadata = [("authorization", f"Bearer {token}")] if token else []
+            if number % 2 == 0:
+                metadata.append(("x-request-id", f"call-{number}"))
+            request = pb.GetConnectionRequest(tenant_id="acme")
+            with pytest.raises(grpc.aio.AioRpcError) as answer:
+                await stub.GetConnection(request, metadata=metadata, timeout=30)
+            return answer.value.code()
+
+        codes = await asyncio.gather(*(call(number) for number in range(300)))
+
+    wrong = [(n, code) for n, code in enumerate(codes) if code != kinds[n % 3][1]]
+    assert not wrong, f"{len(wrong)} calls judged as another caller, e.g. {wrong[:3]}"
+    lines = [r for r in caplog.records if getattr(r, "method", None) == "GetConnection"]
+    ids = [getattr(r, "request_id", None) for r in lines]
+    assert len(ids) == 300
+    assert len(set(ids)) == 300, "a call logged with another's request id"
+    by_id = {getattr(r, "request_id", None): r for r in lines}
+    for number in range(0, 300, 2):
+        logged = by_id[f"call-{number}"]
+        assert getattr(logged, "code", None) == kinds[number % 3][1].name
+        assert getattr(logged, "caller", None) == kinds[number % 3][2]
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,17 @@ class CredentialCache:
     def __len__(self) -> int:
         return self._size
 
+    def fresh(self, grant: Grant) -> Credentials | None:
+        """The credentials cached for `grant` if they are before their refresh point (a hit
+        with nothing else to do), else None: `get` then decides."""
+        runs = self._by_tenant.get(grant.tenant_id, _NO_RUNS)
+        held = runs.get(grant.run_id)
+        if held is None or held.grant != grant or self._clock() >= held.refresh_at:
+            return None
+        runs.move_to_end(grant.run_id)
+        self.stats.hits += 1
+        return held.credentials
+
     async def get(self, grant: Grant, *, newer_than: str | None = None) -> Credentials:
         """Credentials for `grant`: the cached ones until their mandatory refresh point
         (renewed in the background after the advisory one), else renewed. With `newer_than`

@@ -116,6 +116,15 @@ class Connections:
             raise NotFound(f"no connection for tenant {tenant_id!r}; CreateConnection starts one")
         return connection
 
+    def fresh_grant(self, tenant_id: str, run_id: str) -> Grant | None:
+        """What `run_id` may be issued now, from the tenant's grant read here less than
+        GRANT_FRESH_SECONDS ago (and not changed since); None when `grant` must read it."""
+        known = self._last_grants.get(tenant_id)
+        if known is None or self._clock() - known[1] >= GRANT_FRESH_SECONDS:
+            return None
+        grant = known[0]  # for_run, made directly: namedtuple._replace costs twice as much
+        return Grant(grant.tenant_id, run_id, grant.role_arn, grant.external_id, grant.region)
+
     async def grant(self, tenant_id: str, run_id: str) -> Grant:
         """What `run_id` may be issued now. NotFound / NotActive when nothing may be issued.
         A grant read less than GRANT_FRESH_SECONDS ago is not read again (the hot path makes no
@@ -123,10 +132,9 @@ class Connections:
         be read, the tenant's last grant read here stands in, whatever its age: it lets cached
         credentials be served again. Minting new ones under it is bounded by the staleness
         rule (`ensure_fresh`, `confirm`)."""
-        known = self._last_grants.get(tenant_id)
-        if known is not None and self._clock() - known[1] < GRANT_FRESH_SECONDS:
-            grant = known[0]  # for_run, made directly: namedtuple._replace costs twice as much
-            return Grant(grant.tenant_id, run_id, grant.role_arn, grant.external_id, grant.region)
+        grant = self.fresh_grant(tenant_id, run_id)
+        if grant is not None:
+            return grant
         try:
             connection = await self._read(tenant_id)
         except StoreUnavailable:

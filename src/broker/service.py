@@ -47,7 +47,7 @@ from broker.streams import StreamHub, watch
 from broker.template import stack_name
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc
-from broker.wire import Malformed
+from broker.wire import METADATA, Malformed
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,9 @@ class _Call:
 
     def admit(self, guard: Guard) -> None:
         context, fields = self.context, self.fields
-        metadata = context.invocation_metadata()
+        metadata: Any = METADATA.get()  # as the handler lookup got it
+        if metadata is None:  # a handler called other than through wire._Service
+            metadata = context.invocation_metadata()
         for key, value in metadata or ():
             if key == "x-request-id":
                 _request_id(value, fields)
@@ -503,7 +505,12 @@ class CredentialBrokerService(broker_pb2_grpc.CredentialBrokerServicer):
     ) -> pb.IssueCredentialsResponse:
         tenant_id = validation.field("tenant_id", request.tenant_id)
         run_id = validation.field("run_id", request.run_id)
-        grant, credentials = await self._current(tenant_id, run_id)
+        # A cache hit under a grant read moments ago is found with no await in between, so no
+        # change to the connection can come between the two (what `_current` checks for).
+        grant = self._connections.fresh_grant(tenant_id, run_id)
+        credentials = None if grant is None else self._cache.fresh(grant)
+        if grant is None or credentials is None:
+            grant, credentials = await self._current(tenant_id, run_id)
         # Made once per credentials and region, then sent as often as they are asked for.
         key = (pb.IssueCredentialsResponse, grant.region)
         response = credentials.encoded.get(key)

@@ -5,6 +5,7 @@ hold credentials made unprintable, so no log line or traceback can show them who
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
@@ -54,6 +55,29 @@ class GenericOnly:
         """Not registered: the generic handler added beside them serves these methods."""
 
 
+Metadata = tuple[tuple[str, str | bytes], ...]
+# The request metadata of the call under way, as gRPC gave it to `_Service`'s lookup, in the
+# call's own task before its handler runs (each call's task has its own context, so no
+# call sees another's). grpc.aio builds the tuple again on every invocation_metadata().
+METADATA: ContextVar[Metadata | None] = ContextVar("broker_call_metadata", default=None)
+
+
+class _Service(grpc.GenericRpcHandler):
+    """The methods of broker.v1.CredentialBroker by path, as grpc.method_handlers_generic_handler
+    finds them; keeps each call's metadata in METADATA."""
+
+    def __init__(self, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> None:
+        self._handlers = {f"/{SERVICE.full_name}/{name}": h for name, h in handlers.items()}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self._handlers.get(handler_call_details.method)
+        if handler is not None:
+            METADATA.set(handler_call_details.invocation_metadata)
+        return handler
+
+
 def add_to_server(servicer: Any, server: grpc.aio.Server) -> None:
     """Register `servicer`'s methods for every RPC of broker.v1.CredentialBroker."""
     handlers = {}
@@ -70,10 +94,7 @@ def add_to_server(servicer: Any, server: grpc.aio.Server) -> None:
             request_deserializer=_tolerant(request),
             response_serializer=response.SerializeToString,
         )
-    # A generic handler only (GenericOnly says why).
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
-    )
+    server.add_generic_rpc_handlers((_Service(handlers),))  # only (GenericOnly says why)
 
 
 def _redacted(message: Message) -> str:
