@@ -42,6 +42,7 @@ STREAM_ROWS = [  # of the quick run's 100 streams
 ]
 STORM_ROWS = [  # of the quick run's 300 streams
     "all back with credentials after A was killed",
+    "failed on A while they opened, before the kill",
     "never back",
     "ended CANCELLED",
     "reopened streams that failed again",
