@@ -163,8 +163,10 @@ class _Call:
     def admit(self, guard: Guard) -> None:
         context, fields = self.context, self.fields
         metadata: Any = METADATA.get()  # as the handler lookup got it
-        if metadata is None:  # a handler called other than through wire._Service
+        if metadata is None:  # a method registered apart, or a handler called directly
             metadata = context.invocation_metadata()
+        else:  # read once: tasks the call starts inherit its context, but not its token
+            METADATA.set(None)
         for key, value in metadata or ():
             if key == "x-request-id":
                 _request_id(value, fields)

@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError, Message
 from broker.v1 import broker_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["CredentialBroker"]
+STREAMED = ("WatchCredentials",)  # registered apart (add_to_server)
 # Every message that carries a secret key or session token, directly or inside.
 HOLDS_CREDENTIALS = (pb.Credentials, pb.IssueCredentialsResponse, pb.WatchCredentialsResponse)
 
@@ -41,7 +42,9 @@ class GenericOnly:
     outstanding for every method registered with `add_registered_method_handlers` and waits
     on all of them for every call that arrives: each registered method costs every call,
     whichever method it is, about 7k instructions (docs/performance.md). A generic handler
-    costs only the calls that reach it, the lookup of its service's method table."""
+    costs only the calls that reach it, the lookup of its service's method table. What
+    registration buys is a queue of its own in gRPC core (calls not yet taken by the
+    server): every call of the methods not registered waits in one queue, in turn."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self.server = server
@@ -94,7 +97,13 @@ def add_to_server(servicer: Any, server: grpc.aio.Server) -> None:
             request_deserializer=_tolerant(request),
             response_serializer=response.SerializeToString,
         )
-    server.add_generic_rpc_handlers((_Service(handlers),))  # only (GenericOnly says why)
+    server.add_generic_rpc_handlers((_Service(handlers),))
+    # WatchCredentials is registered as well, alone (GenericOnly says what each registered
+    # method costs): gRPC core queues the calls of a registered method apart from all others,
+    # so a reconnect storm's thousands of streams waiting to be taken do not hold up an
+    # IssueCredentials, a Disconnect or a health check queued behind them.
+    streams = {name: handlers[name] for name in STREAMED}
+    server.add_registered_method_handlers(SERVICE.full_name, streams)
 
 
 def _redacted(message: Message) -> str:
