@@ -57,6 +57,9 @@ def pem(tmp_path: Path) -> str:
         ({"tls_cert_file": "/nonexistent.pem"}, "BROKER_TLS_CERT_FILE"),
         ({"event_loop": "tokio"}, "'uvloop' or 'asyncio'"),
         ({"rpc_log": "some"}, "'all' or 'errors'"),
+        ({"max_pending_seconds": 0}, "BROKER_MAX_PENDING_SECONDS"),
+        ({"max_pending_seconds": 3601}, "BROKER_MAX_PENDING_SECONDS"),
+        ({"max_pending_seconds": "1.5"}, "BROKER_MAX_PENDING_SECONDS"),
     ],
 )
 def test_wrong_settings_are_refused_with_the_fix(overrides: dict[str, Any], message: str) -> None:
