@@ -23,7 +23,7 @@ import pytest
 
 from broker import server
 from broker.config import load_settings
-from broker.emulator import AssumeRoleCall, Identity, LocalAws
+from broker.emulator import AssumeRoleCall, Identity, LocalAws, RegionalEndpoint
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc
 
@@ -192,6 +192,18 @@ def captured_logs(formatter: logging.Formatter, level: int) -> Iterator[io.Strin
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
+
+
+FIRST, SECOND = "us-east-1", "us-west-2"  # the STS regions of the failover tests
+
+
+@pytest.fixture
+def regions(local_aws: LocalAws) -> Iterator[tuple[RegionalEndpoint, RegionalEndpoint]]:
+    """The two regions' endpoints, up; back up after the test whatever it did to them."""
+    first, second = local_aws.serve_region(FIRST), local_aws.serve_region(SECOND)
+    yield first, second
+    first.up()
+    second.up()
 
 
 @dataclass

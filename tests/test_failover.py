@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +27,22 @@ from broker.aws import FAILOVER_CONFIG, Region, pick
 from broker.config import ConfigError, load_settings
 from broker.emulator import CUSTOMER_ACCOUNT, Identity, LocalAws, RegionalEndpoint
 from broker.v1 import broker_pb2 as pb
-from tests.conftest import Running, StsLog, connect, metrics_text, settings_for, start_broker
+from tests.conftest import (
+    FIRST,
+    SECOND,
+    Running,
+    StsLog,
+    connect,
+    metrics_text,
+    settings_for,
+    start_broker,
+)
 from tests.faults import FaultyAws
 from tests.processes import BIN
 from tests.test_cli import SERVICE, Dev, run
 from tests.test_observability import enumerated
 
-FIRST, SECOND = "us-east-1", "us-west-2"
 ATTEMPTS = FAILOVER_CONFIG.retries["total_max_attempts"]  # botocore's, in each region
-
-
-@pytest.fixture
-def regions(local_aws: LocalAws) -> Iterator[tuple[RegionalEndpoint, RegionalEndpoint]]:
-    """The two regions' endpoints, up; back up after the test whatever it did to them."""
-    first, second = local_aws.serve_region(FIRST), local_aws.serve_region(SECOND)
-    yield first, second
-    first.up()
-    second.up()
 
 
 def failover_settings(

@@ -26,6 +26,8 @@ from broker.logs import FieldsFormatter
 from broker.server import Broker
 from broker.v1 import broker_pb2 as pb
 from tests.conftest import (
+    FIRST,
+    SECOND,
     Running,
     StsLog,
     captured_logs,
@@ -33,10 +35,9 @@ from tests.conftest import (
     settings_for,
     start_broker,
 )
-from tests.rawsts import RawSts, sts_error
+from tests.faults import sts_error
+from tests.rawsts import RawSts
 from tests.test_failover import (
-    FIRST,
-    SECOND,
     breaker,
     failover_settings,
     issue,
@@ -63,15 +64,6 @@ NON_ANSWERS = {
     "proxy-429-plain": PLAIN_429,
 }
 WAIT = 15.0  # seconds: the most a test waits for the broker's background work to show
-
-
-@pytest.fixture
-def regions(local_aws: LocalAws) -> Iterator[tuple[RegionalEndpoint, RegionalEndpoint]]:
-    """The two regions' endpoints, up; back up after the test whatever it did to them."""
-    first, second = local_aws.serve_region(FIRST), local_aws.serve_region(SECOND)
-    yield first, second
-    first.up()
-    second.up()
 
 
 @pytest.fixture
