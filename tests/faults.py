@@ -23,7 +23,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 MODES = ("pass", "throttle", "error", "refuse", "latency", "hang", "reset", "down")
@@ -31,20 +31,13 @@ MODES = ("pass", "throttle", "error", "refuse", "latency", "hang", "reset", "dow
 REFUSALS = {"AccessDenied": 403, "ValidationError": 400, "InvalidClientTokenId": 403}
 
 
-class FaultyAws:
+class LoopbackProxy:
+    """An HTTP server on 127.0.0.1 in front of an AWS endpoint (`upstream`): each POST goes to
+    `_handle`, on a thread of its own; `ask_upstream` forwards one."""
+
     def __init__(self, upstream: str) -> None:
         split = urlsplit(upstream)
         self._upstream = (split.hostname or "127.0.0.1", split.port or 80)
-        self.mode = "pass"
-        self.seconds = 0.0
-        self.budget: int | None = None
-        self.code = "AccessDenied"  # what "refuse" answers
-        self.actions: frozenset[str] = frozenset({"AssumeRole"})
-        self.requests: Counter[str] = Counter()  # action → requests seen
-        self.faults: Counter[str] = Counter()  # mode → faults injected
-        self.in_flight = 0
-        self.most_in_flight = 0  # of the actions faults apply to
-        self._lock = threading.Lock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,13 +57,69 @@ class FaultyAws:
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_port}"
 
-    def start(self) -> FaultyAws:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        raise NotImplementedError
+
+    def ask_upstream(
+        self, handler: BaseHTTPRequestHandler, body: bytes
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """The upstream's answer to the request `handler` holds (its `body` already read)."""
+        upstream = http.client.HTTPConnection(*self._upstream, timeout=30)
+        try:
+            headers = {k: v for k, v in handler.headers.items() if k.lower() != "connection"}
+            upstream.request("POST", handler.path, body, headers)
+            answer = upstream.getresponse()
+            return answer.status, answer.getheaders(), answer.read()
+        finally:
+            upstream.close()
+
+
+def read_request(handler: BaseHTTPRequestHandler) -> tuple[bytes, str]:
+    """A request's body and its AWS Query action ("?" when it names none)."""
+    body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+    return body, parse_qs(body.decode(errors="replace")).get("Action", ["?"])[0]
+
+
+def send_answer(
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    headers: list[tuple[str, str]],
+    data: bytes,
+    answered: Callable[[], None] = lambda: None,
+) -> None:
+    """Send an answer of `data`, with `headers` but those of its framing (its length is
+    declared anew); `answered` is called just before the body leaves."""
+    handler.send_response(status)
+    for key, value in headers:
+        if key.lower() not in ("content-length", "connection", "transfer-encoding"):
+            handler.send_header(key, value)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    answered()
+    handler.wfile.write(data)
+
+
+class FaultyAws(LoopbackProxy):
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self.mode = "pass"
+        self.seconds = 0.0
+        self.budget: int | None = None
+        self.code = "AccessDenied"  # what "refuse" answers
+        self.actions: frozenset[str] = frozenset({"AssumeRole"})
+        self.requests: Counter[str] = Counter()  # action → requests seen
+        self.faults: Counter[str] = Counter()  # mode → faults injected
+        self.in_flight = 0
+        self.most_in_flight = 0  # of the actions faults apply to
+        self._lock = threading.Lock()
 
     def inject(
         self,
@@ -97,8 +146,7 @@ class FaultyAws:
         return sum(self.faults.values())
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
-        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
-        action = parse_qs(body.decode(errors="replace")).get("Action", ["?"])[0]
+        body, action = read_request(handler)
         with self._lock:
             mode, seconds, code = self.mode, self.seconds, self.code
             applies = mode == "down" or (mode != "pass" and action in self.actions)
@@ -146,22 +194,18 @@ class FaultyAws:
     def _forward(
         self, handler: BaseHTTPRequestHandler, body: bytes, answered: Callable[[], None]
     ) -> None:
-        upstream = http.client.HTTPConnection(*self._upstream, timeout=30)
-        try:
-            headers = {k: v for k, v in handler.headers.items() if k.lower() != "connection"}
-            upstream.request("POST", handler.path, body, headers)
-            answer = upstream.getresponse()
-            data = answer.read()
-        finally:
-            upstream.close()
-        handler.send_response(answer.status)
-        for key, value in answer.getheaders():
-            if key.lower() not in ("content-length", "connection", "transfer-encoding"):
-                handler.send_header(key, value)
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        answered()
-        handler.wfile.write(data)
+        status, headers, data = self.ask_upstream(handler, body)
+        send_answer(handler, status, headers, data, answered)
+
+
+def sts_error(code: str, message: str = "refused", *, status: int = 400) -> bytes:
+    """An STS error body, as STS words it (the Query protocol's XML); its Type by `status`."""
+    return (
+        '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+        f"<Error><Type>{'Sender' if status < 500 else 'Receiver'}</Type><Code>{code}</Code>"
+        f"<Message>{message}</Message></Error><RequestId>{uuid.uuid4()}</RequestId>"
+        "</ErrorResponse>"
+    ).encode()
 
 
 def _error(
@@ -171,18 +215,8 @@ def _error(
     message: str,
     answered: Callable[[], None],
 ) -> None:
-    body = (
-        '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
-        f"<Error><Type>{'Sender' if status < 500 else 'Receiver'}</Type><Code>{code}</Code>"
-        f"<Message>{message}</Message></Error><RequestId>{uuid.uuid4()}</RequestId>"
-        "</ErrorResponse>"
-    ).encode()
-    handler.send_response(status)
-    handler.send_header("Content-Type", "text/xml")
-    handler.send_header("Content-Length", str(len(body)))
-    handler.end_headers()
-    answered()
-    handler.wfile.write(body)
+    body = sts_error(code, message, status=status)
+    send_answer(handler, status, [("Content-Type", "text/xml")], body, answered)
 
 
 def _reset(handler: BaseHTTPRequestHandler) -> None:
