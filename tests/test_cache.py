@@ -322,3 +322,12 @@ async def test_admit_is_asked_once_per_new_run_not_for_joining_or_renewals(
     with pytest.raises(Refused):
         await cache.get(grant())
     assert len(source.calls) == 4
+
+
+def test_a_grant_for_another_run_keeps_every_other_field() -> None:
+    """Grant.for_run is built field by field (the hot path): a field added to Grant, with a
+    default or not, must not be dropped or reset there."""
+    grant = Grant(*(f"value-{n}" for n in range(len(Grant._fields))))
+    other = grant.for_run("another-run")
+    assert other.run_id == "another-run"
+    assert other._replace(run_id=grant.run_id) == grant

@@ -122,8 +122,7 @@ class Connections:
         known = self._last_grants.get(tenant_id)
         if known is None or self._clock() - known[1] >= GRANT_FRESH_SECONDS:
             return None
-        grant = known[0]  # for_run, made directly: namedtuple._replace costs twice as much
-        return Grant(grant.tenant_id, run_id, grant.role_arn, grant.external_id, grant.region)
+        return known[0].for_run(run_id)
 
     async def grant(self, tenant_id: str, run_id: str) -> Grant:
         """What `run_id` may be issued now. NotFound / NotActive when nothing may be issued.

@@ -64,8 +64,9 @@ class Grant(NamedTuple):
         return (self.tenant_id, self.run_id)
 
     def for_run(self, run_id: str) -> Grant:
-        """The same grant, for another run of the tenant."""
-        return self._replace(run_id=run_id)
+        """The same grant, for another run of the tenant. Made directly: on the hot path, and
+        namedtuple's `_replace` costs twice as much."""
+        return Grant(self.tenant_id, run_id, self.role_arn, self.external_id, self.region)
 
 
 @dataclass(frozen=True)
