@@ -22,6 +22,7 @@ import grpc
 import pytest
 
 from broker import server
+from broker.auth import hash_token, new_token
 from broker.config import load_settings
 from broker.emulator import AssumeRoleCall, Identity, LocalAws, RegionalEndpoint
 from broker.v1 import broker_pb2 as pb
@@ -263,6 +264,20 @@ async def running(
 ) -> AsyncIterator[Running]:
     async with start_broker(broker_settings, broker_identity) as started:
         yield started
+
+
+@pytest.fixture
+async def guarded(
+    local_aws: LocalAws, template_url: str, broker_identity: Identity, tmp_path: Path
+) -> AsyncIterator[tuple[Running, str]]:
+    """A broker on loopback that wants a bearer token (`ops`, allowed every RPC), and the token."""
+    token = new_token()
+    settings = settings_for(f"sqlite:///{tmp_path / 'broker.db'}", local_aws, template_url) | {
+        "token_hashes": f"ops={hash_token(token)}",
+        "policy": "token:ops=all",
+    }
+    async with start_broker(settings, broker_identity) as running:
+        yield running, token
 
 
 async def connect(running: Running, local_aws: LocalAws, tenant_id: str) -> pb.Connection:

@@ -10,7 +10,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from broker import service
-from broker.auth import hash_token, new_token
 from broker.emulator import Identity, LocalAws
 from broker.logs import AccessLog, BatchingStreamHandler, JsonFormatter
 from broker.metrics import LATENCY_BUCKETS, _tally
@@ -137,20 +136,6 @@ async def test_the_access_record_is_the_line_logging_writes(
     assert fast[0]["run"] == "run:7/a=b+c@d"
     assert fast[0]["caller"] == "anonymous@loopback"
     assert [e["request_id"] for e in fast] == ["req-1", "req-2", "req-3"]
-
-
-@pytest.fixture
-async def guarded(
-    local_aws: LocalAws, template_url: str, broker_identity: Identity, tmp_path: Path
-) -> AsyncIterator[tuple[Running, str]]:
-    """A broker that wants a bearer token (`ops`, allowed every RPC), and the token."""
-    token = new_token()
-    settings = settings_for(f"sqlite:///{tmp_path / 'broker.db'}", local_aws, template_url) | {
-        "token_hashes": f"ops={hash_token(token)}",
-        "policy": "token:ops=all",
-    }
-    async with start_broker(settings, broker_identity) as running:
-        yield running, token
 
 
 async def test_what_is_not_plain_goes_through_logging_bounded(

@@ -12,14 +12,13 @@ import logging
 import re
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from broker.auth import hash_token, new_token
 from broker.emulator import Identity, LocalAws
 from broker.logs import FieldsFormatter, JsonFormatter
 from broker.v1 import broker_pb2 as pb
@@ -50,20 +49,6 @@ def formatter(fmt: str) -> logging.Formatter:
 
 def digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()[:12]
-
-
-@pytest.fixture
-async def guarded(
-    local_aws: LocalAws, template_url: str, broker_identity: Identity, tmp_path: Path
-) -> AsyncIterator[tuple[Running, str]]:
-    """A broker on loopback that wants a bearer token (`ops`, allowed every RPC), and the token."""
-    token = new_token()
-    settings = settings_for(f"sqlite:///{tmp_path / 'broker.db'}", local_aws, template_url) | {
-        "token_hashes": f"ops={hash_token(token)}",
-        "policy": "token:ops=all",
-    }
-    async with start_broker(settings, broker_identity) as running:
-        yield running, token
 
 
 async def hostile_call(
