@@ -84,36 +84,47 @@ async def test_a_call_waits_in_core_queue_as_long_as_max_pending_seconds(
 
 
 async def test_a_unary_call_is_not_queued_behind_a_storm_of_streams(
-    running: Running, caplog: pytest.LogCaptureFixture
+    broker_settings: dict[str, Any], broker_identity: Identity, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A reconnect storm's streams wait in gRPC core's queue of their own method: a call of
     another method sent after them (a Disconnect, an IssueCredentials, a health check) is
     taken among the first, not after all of them. While the broker's loop is busy, 300
     WatchCredentials are queued, then one GetConnection; the order in which the broker
-    handled them is the order of their log lines (each is answered at once: NOT_FOUND)."""
+    took them is the order of the request ids it made for them (each is answered NOT_FOUND;
+    the store's read timeout is raised, so 300 reads at once on PostgreSQL are not
+    UNAVAILABLE)."""
     caplog.set_level(logging.INFO, logger="broker.service")
-    with grpc.insecure_channel(running.address) as channel:
-        stub = broker_pb2_grpc.CredentialBrokerStub(channel)
-        unknown = pb.GetConnectionRequest(tenant_id="nobody-here")
-        with pytest.raises(grpc.RpcError):  # the connection is up before the loop is held
-            await asyncio.to_thread(stub.GetConnection, unknown, timeout=10)
-        caplog.clear()
-        watch = pb.WatchCredentialsRequest(tenant_id="nobody-here", run_id="r")
-        streams = [stub.WatchCredentials(watch, timeout=60) for _ in range(300)]
-        late = stub.GetConnection.future(unknown, timeout=60)
-        time.sleep(2)  # noqa: ASYNC251 - the broker's loop is busy on purpose
+    overrides = dict(broker_settings, store_read_timeout=10.0)
+    async with start_broker(overrides, broker_identity) as running:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = broker_pb2_grpc.CredentialBrokerStub(channel)
+            unknown = pb.GetConnectionRequest(tenant_id="nobody-here")
+            with pytest.raises(grpc.RpcError):  # the connection is up before the loop is held
+                await asyncio.to_thread(stub.GetConnection, unknown, timeout=10)
+            caplog.clear()
+            watch = pb.WatchCredentialsRequest(tenant_id="nobody-here", run_id="r")
+            streams = [stub.WatchCredentials(watch, timeout=60) for _ in range(300)]
+            late = stub.GetConnection.future(unknown, timeout=60)
+            time.sleep(2)  # noqa: ASYNC251 - the broker's loop is busy on purpose
 
-        def ended() -> list[grpc.StatusCode]:
-            codes = []
-            for stream in streams:
-                with contextlib.suppress(grpc.RpcError):
-                    list(stream)
-                codes.append(stream.code())
-            return [*codes, late.exception().code()]  # type: ignore[union-attr]
+            def ended() -> list[grpc.StatusCode]:
+                codes = []
+                for stream in streams:
+                    with contextlib.suppress(grpc.RpcError):
+                        list(stream)
+                    codes.append(stream.code())
+                return [*codes, late.exception().code()]  # type: ignore[union-attr]
 
-        codes = await asyncio.to_thread(ended)
+            codes = await asyncio.to_thread(ended)
     assert set(codes) == {grpc.StatusCode.NOT_FOUND}
-    order = [getattr(r, "method", None) for r in caplog.records if r.name == "broker.service"]
+    # The order the broker took them in: the request ids it made, counted up as each call
+    # began (they end in any order, waiting on the store).
+    began = {
+        int(str(getattr(r, "request_id", "")).rpartition("-")[2], 16): getattr(r, "method", None)
+        for r in caplog.records
+        if r.name == "broker.service"
+    }
+    order = [began[number] for number in sorted(began)]
     assert order.count("WatchCredentials") == 300
     place = order.index("GetConnection")
-    assert place < 150, f"the GetConnection was handled {place + 1}th of 301, behind the streams"
+    assert place < 150, f"the GetConnection was taken {place + 1}th of 301, behind the streams"
